@@ -1,0 +1,1 @@
+"""Experiment configuration: typed schema (`schema`) and the strict YAML/override loader (`loader`)."""
