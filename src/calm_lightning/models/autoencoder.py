@@ -1,0 +1,203 @@
+"""Context-free chunk autoencoder: K tokens <-> one latent vector (CALM.md section 1).
+
+Encoder: embedding -> per-token residual SwiGLU blocks -> flatten K*d -> Linear(K*d -> d) -> chunk
+blocks -> RMSNorm -> Linear(d -> 2l) = (mu, log_sigma).
+Decoder: Linear(l -> d) -> chunk blocks -> Linear(d -> K*d) -> K token states -> per-token blocks ->
+RMSNorm -> logits through the encoder's embedding matrix (tied: the very same Parameter).
+
+Objective of one chunk (minimised), section 1 of the paper:
+    loss = sum_k CE(token_k) + beta * sum_i max(lambda, KL_i),
+    KL_i = KL(N(mu_i, sigma_i^2) || N(0, 1)) = 0.5 * (mu_i^2 + sigma_i^2 - 1) - log sigma_i,
+with the robustness tricks applied only in training mode: input token masking (masked ids become
+``mask_token_id``; labels stay the originals) and dropout on the sampled latent z.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from calm_lightning.models.config import AutoencoderConfig
+from calm_lightning.models.layers import ResidualSwiGLUBlock, RMSNorm
+
+# log sigma is clamped to this range for numerical stability: exp(2 log sigma) in the KL cannot
+# overflow, and sigma cannot underflow to exactly zero (which would make the posterior a point mass
+# and the KL infinite). The paper's learned sigma is ~0.3 (log sigma ~ -1.2), well inside.
+LOG_SIGMA_MIN = -10.0
+LOG_SIGMA_MAX = 4.0
+
+INIT_STD = 0.02
+
+
+@dataclass
+class AutoencoderOutput:
+    """What one training/validation step of the autoencoder produces.
+
+    loss: scalar, ce + beta * sum_i max(kl_clip, kl_per_dim_i)  (the clipped KL is what is optimised).
+    ce: scalar, cross-entropy summed over the K tokens of a chunk, averaged over the batch (nats/chunk).
+    kl: scalar, the *unclipped* KL of the posterior to N(0, I) summed over dims, averaged over the batch
+        (nats/chunk; the information actually carried by z).
+    kl_per_dim: [l] unclipped KL per latent dimension, averaged over the batch.
+    logits: [B, K, V]; mu, log_sigma: [B, l] (log_sigma clamped); z: [B, l] the posterior sample before
+        latent dropout.
+    """
+
+    loss: torch.Tensor
+    ce: torch.Tensor
+    kl: torch.Tensor
+    kl_per_dim: torch.Tensor
+    logits: torch.Tensor
+    mu: torch.Tensor
+    log_sigma: torch.Tensor
+    z: torch.Tensor
+
+
+def gaussian_kl_per_dim(mu: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, sigma^2) || N(0, 1)) per dimension, in float32. mu, log_sigma: [..., l] -> [..., l]."""
+    mu, log_sigma = mu.float(), log_sigma.float()
+    return 0.5 * (mu.pow(2) + torch.exp(2.0 * log_sigma) - 1.0) - log_sigma
+
+
+def clipped_kl(kl_per_dim: torch.Tensor, kl_clip: float) -> torch.Tensor:
+    """Free-bits KL: sum_i max(kl_clip, KL_i). kl_per_dim: [l] (already batch-averaged) -> scalar.
+
+    The clip is applied to the batch-mean KL of each dimension (as the reference code does), not to
+    each example's KL: a dimension only escapes the floor's zero gradient when it carries more than
+    ``kl_clip`` nats on average over the batch.
+    """
+    return kl_per_dim.clamp_min(kl_clip).sum()
+
+
+class ChunkAutoencoder(nn.Module):
+    """Maps chunks of K tokens to Gaussian posteriors over l-dimensional latents and back.
+
+    ``cfg.mask_token_id`` may be filled in after construction (e.g. once the tokenizer is known); it is
+    read at every training forward and must be an int in [0, V) by then.
+    """
+
+    def __init__(self, cfg: AutoencoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.chunk_size = cfg.chunk_size
+        self.latent_size = cfg.latent_size
+        K, d, latent, f, eps = cfg.chunk_size, cfg.d_model, cfg.latent_size, cfg.ffn_size, cfg.norm_eps
+
+        self.embedding = nn.Embedding(cfg.vocab_size, d)  # also the output matrix (tied)
+        # encoder
+        self.enc_token_blocks = nn.ModuleList(
+            ResidualSwiGLUBlock(d, f, eps) for _ in range(cfg.num_token_blocks)
+        )
+        self.enc_compress = nn.Linear(K * d, d, bias=False)
+        self.enc_chunk_blocks = nn.ModuleList(
+            ResidualSwiGLUBlock(d, f, eps) for _ in range(cfg.num_chunk_blocks)
+        )
+        self.enc_norm = RMSNorm(d, eps)
+        # A bias here lets log_sigma settle at a common level independent of the normalised state.
+        self.to_posterior = nn.Linear(d, 2 * latent, bias=True)
+        # decoder
+        self.dec_in = nn.Linear(latent, d, bias=False)
+        self.dec_chunk_blocks = nn.ModuleList(
+            ResidualSwiGLUBlock(d, f, eps) for _ in range(cfg.num_chunk_blocks)
+        )
+        self.dec_expand = nn.Linear(d, K * d, bias=False)
+        self.dec_token_blocks = nn.ModuleList(
+            ResidualSwiGLUBlock(d, f, eps) for _ in range(cfg.num_token_blocks)
+        )
+        self.dec_norm = RMSNorm(d, eps)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """normal(0, 0.02) for the embedding and every linear, zero biases, unit norm gains."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                module.reset_parameters()
+
+    # ------------------------------------------------------------------ encoder / decoder
+    def encode(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior of each chunk, deterministic (no masking, no dropout, no sampling).
+
+        tokens: [..., K] -> (mu [..., l], log_sigma [..., l]), log_sigma clamped to
+        [LOG_SIGMA_MIN, LOG_SIGMA_MAX].
+        """
+        if tokens.shape[-1] != self.chunk_size:
+            raise ValueError(f"expected chunks of {self.chunk_size} tokens, got shape {tuple(tokens.shape)}")
+        h = self.embedding(tokens)  # [..., K, d]
+        for block in self.enc_token_blocks:
+            h = block(h)
+        h = self.enc_compress(h.flatten(-2))  # [..., K*d] -> [..., d]
+        for block in self.enc_chunk_blocks:
+            h = block(h)
+        mu, log_sigma = self.to_posterior(self.enc_norm(h)).chunk(2, dim=-1)  # 2 x [..., l]
+        return mu, log_sigma.clamp(LOG_SIGMA_MIN, LOG_SIGMA_MAX)
+
+    def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """Token logits of each latent. z: [..., l] -> [..., K, V] (in the compute dtype)."""
+        h = self.dec_in(z)  # [..., d]
+        for block in self.dec_chunk_blocks:
+            h = block(h)
+        h = self.dec_expand(h).unflatten(-1, (self.chunk_size, -1))  # [..., K*d] -> [..., K, d]
+        for block in self.dec_token_blocks:
+            h = block(h)
+        return F.linear(self.dec_norm(h), self.embedding.weight)  # [..., K, V], tied output matrix
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Greedy reconstruction. z: [..., l] -> tokens [..., K] (argmax)."""
+        return self.decode_logits(z).argmax(dim=-1)
+
+    # ------------------------------------------------------------------ training objective
+    def mask_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Input token masking (training mode only): each id independently becomes ``mask_token_id``
+        with probability ``token_mask_prob``. tokens: [..., K] -> [..., K]; identity in eval mode."""
+        p = self.cfg.token_mask_prob
+        if not self.training or p <= 0.0:
+            return tokens
+        mask_id = self.cfg.mask_token_id
+        mask = torch.rand(tokens.shape, device=tokens.device) < p
+        return torch.where(mask, torch.full_like(tokens, mask_id), tokens)
+
+    def _check_mask_token_id(self) -> None:
+        if self.cfg.token_mask_prob <= 0.0:
+            return
+        mask_id = self.cfg.mask_token_id
+        if mask_id is None or isinstance(mask_id, bool) or not isinstance(mask_id, int):
+            raise ValueError(
+                "AutoencoderConfig.mask_token_id must be set to an int (the tokenizer's mask id) before "
+                f"training with token_mask_prob={self.cfg.token_mask_prob}; got {mask_id!r}"
+            )
+        if not 0 <= mask_id < self.cfg.vocab_size:
+            raise ValueError(f"mask_token_id={mask_id} is outside the vocabulary [0, {self.cfg.vocab_size})")
+
+    def forward(self, tokens: torch.Tensor) -> AutoencoderOutput:
+        """Training objective of a batch of chunks. tokens: [B, K] -> AutoencoderOutput (see there).
+
+        z = mu + sigma * eps is sampled in both modes (the ELBO's reconstruction term); masking and
+        latent dropout happen only in training mode. For a deterministic reconstruction use
+        ``decode(encode(tokens)[0])``.
+        """
+        self._check_mask_token_id()
+        mu, log_sigma = self.encode(self.mask_tokens(tokens))  # [B, l] each
+        z = mu + torch.exp(log_sigma) * torch.randn_like(mu)  # [B, l], reparameterised
+        z_in = F.dropout(z, p=self.cfg.latent_dropout, training=self.training)
+        logits = self.decode_logits(z_in)  # [B, K, V]
+
+        K = self.chunk_size
+        ce = F.cross_entropy(logits.float().flatten(0, -2), tokens.flatten()) * K  # labels: unmasked ids
+        kl_per_dim = gaussian_kl_per_dim(mu, log_sigma).flatten(0, -2).mean(0)  # [l], batch mean
+        loss = ce + self.cfg.beta * clipped_kl(kl_per_dim, self.cfg.kl_clip)
+        return AutoencoderOutput(
+            loss=loss,
+            ce=ce,
+            kl=kl_per_dim.sum(),
+            kl_per_dim=kl_per_dim,
+            logits=logits,
+            mu=mu,
+            log_sigma=log_sigma,
+            z=z,
+        )

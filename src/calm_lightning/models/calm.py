@@ -1,0 +1,132 @@
+"""Continuous Autoregressive Language Model (CALM.md section 2).
+
+A sequence of T tokens is read as L = T/K chunks. Position j's input is chunk j's discrete tokens,
+embedded by CALM's own embedding (not the autoencoder's), concatenated and compressed:
+    x_j = LayerNorm(W2 SiLU(W1 [e(t_{jK}); ...; e(t_{jK+K-1})]))      W1: K*D -> 2D, W2: 2D -> D
+The backbone's hidden state h_j conditions a generative head that models chunk j+1's latent; the
+targets are the frozen autoencoder's posteriors N(mu, sigma^2) of chunks 1..L-1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from calm_lightning.models.autoencoder import ChunkAutoencoder
+from calm_lightning.models.backbone import INIT_STD, KVCache, Transformer
+from calm_lightning.models.config import BackboneConfig, HeadConfig
+from calm_lightning.models.heads import build_head
+
+
+@dataclass
+class CALMOutput:
+    """loss: scalar mean head loss over all B*(L-1) positions; per_position: [B, L-1] float32 losses."""
+
+    loss: torch.Tensor
+    per_position: torch.Tensor
+
+
+class CALM(nn.Module):
+    """Backbone + input compression + generative head over a frozen ``ChunkAutoencoder``.
+
+    The autoencoder is frozen: its parameters have ``requires_grad=False``, it stays in eval mode
+    whatever ``train()`` is called with, and its targets are computed under ``torch.no_grad()``. Its
+    weights stay in ``state_dict()`` (prefix ``autoencoder.``) so a CALM checkpoint is self-contained;
+    optimisers must therefore take only parameters with ``requires_grad`` (``trainable_parameters()``).
+    """
+
+    def __init__(self, backbone_cfg: BackboneConfig, head_cfg: HeadConfig, autoencoder: ChunkAutoencoder):
+        super().__init__()
+        self.backbone_cfg = backbone_cfg
+        self.head_cfg = head_cfg
+        self.chunk_size = autoencoder.chunk_size
+        self.latent_size = autoencoder.latent_size
+        K, D = self.chunk_size, backbone_cfg.d_model
+
+        self.autoencoder = autoencoder
+        self.autoencoder.requires_grad_(False)
+        self.autoencoder.eval()
+
+        self.embed = nn.Embedding(autoencoder.cfg.vocab_size, D)
+        self.compress = nn.Sequential(
+            nn.Linear(K * D, 2 * D, bias=False),
+            nn.SiLU(),
+            nn.Linear(2 * D, D, bias=False),
+            nn.LayerNorm(D),
+        )
+        self.backbone = Transformer(backbone_cfg)
+        self.head = build_head(D, self.latent_size, head_cfg, backbone_cfg.n_layers)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """normal(0, 0.02) embedding and compression linears; the backbone and head initialise themselves."""
+        nn.init.normal_(self.embed.weight, mean=0.0, std=INIT_STD)
+        for module in self.compress:
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
+            elif isinstance(module, nn.LayerNorm):
+                module.reset_parameters()
+
+    def train(self, mode: bool = True) -> CALM:
+        super().train(mode)
+        self.autoencoder.eval()  # frozen: never masking or dropout, whatever the outer mode
+        return self
+
+    def trainable_parameters(self):
+        """Parameters that receive gradients (everything but the frozen autoencoder)."""
+        return (p for p in self.parameters() if p.requires_grad)
+
+    def new_cache(self) -> KVCache:
+        return self.backbone.new_cache()
+
+    def hidden_states(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Backbone states of each chunk. tokens: [B, T] with T = L*K -> [B, L, D].
+
+        h_j (computed from chunks 0..j) conditions the prediction of chunk j+1. ``positions`` ([L] or
+        [B, L]), ``kv_cache`` and ``attn_mask`` ([.., L, S+L]) count chunks, as in ``Transformer.forward``;
+        with a cache, feeding one chunk (T = K) at a time decodes incrementally.
+        """
+        B, T = tokens.shape
+        K = self.chunk_size
+        if T % K:
+            raise ValueError(f"sequence length {T} is not a multiple of the chunk size K={K}")
+        e = self.embed(tokens).view(B, T // K, -1)  # [B, T, D] -> [B, L, K*D]
+        return self.backbone(self.compress(e), positions=positions, kv_cache=kv_cache, attn_mask=attn_mask)
+
+    def loss(self, tokens: torch.Tensor) -> CALMOutput:
+        """Head loss of h_0..h_{L-2} against the AE posteriors of chunks 1..L-1.
+
+        tokens: [B, T] with T = L*K, L >= 2. Returns CALMOutput(loss scalar, per_position [B, L-1]).
+        """
+        B, T = tokens.shape
+        K = self.chunk_size
+        h = self.hidden_states(tokens)  # [B, L, D]
+        L = h.shape[1]
+        if L < 2:
+            raise ValueError(f"need at least two chunks (T >= {2 * K}) to have a target, got T={T}")
+        with torch.no_grad():
+            mu, log_sigma = self.autoencoder.encode(tokens[:, K:].reshape(B, L - 1, K))  # [B, L-1, l] each
+        P = B * (L - 1)
+        per = self.head.loss(
+            h[:, :-1].reshape(P, -1),  # [P, D]
+            mu.float().reshape(P, -1),  # [P, l]
+            log_sigma.float().reshape(P, -1),  # [P, l]
+        )  # [P]
+        per_position = per.float().view(B, L - 1)
+        return CALMOutput(loss=per_position.mean(), per_position=per_position)
+
+    @torch.no_grad()
+    def sample_chunks(
+        self, hidden: torch.Tensor, num_samples: int = 1, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Sample next chunks: head latents decoded greedily by the AE. hidden: [P, D] -> tokens [P, S, K]."""
+        z = self.head.sample(hidden, num_samples=num_samples, generator=generator)  # [P, S, l]
+        return self.autoencoder.decode(z.to(self.autoencoder.embedding.weight.dtype))  # [P, S, K]

@@ -1,0 +1,149 @@
+"""CALM: shapes, loss, gradient flow (the frozen autoencoder gets none), eval-mode AE, cache == full."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from calm_lightning.models.autoencoder import ChunkAutoencoder
+from calm_lightning.models.calm import CALM, CALMOutput
+from calm_lightning.models.config import AutoencoderConfig, BackboneConfig, HeadConfig
+from calm_lightning.models.heads import HEADS
+from calm_lightning.models.heads.base import GenerativeHead
+
+V, K, LATENT, D = 40, 4, 8, 32
+
+
+class StubHead(GenerativeHead):
+    """A Gaussian with learned mean and fixed unit scale: enough to exercise CALM's wiring."""
+
+    def __init__(self, hidden_size, latent_size, cfg, num_backbone_layers):
+        super().__init__(hidden_size, latent_size, cfg, num_backbone_layers)
+        self.net = nn.Linear(hidden_size, latent_size)
+
+    def loss(self, hidden, mu, log_sigma):
+        return (self.net(hidden).float() - mu).square().sum(-1)  # [P]
+
+    def sample(self, hidden, num_samples=1, generator=None):
+        mean = self.net(hidden).float()[:, None]  # [P, 1, l]
+        noise = torch.randn(
+            (hidden.shape[0], num_samples, self.latent_size), generator=generator, device=hidden.device
+        )
+        return mean + noise  # [P, S, l]
+
+
+def head_names() -> list[str]:
+    # the stub always; the real energy head once it is registered
+    return ["stub"] + (["energy"] if "energy" in HEADS else [])
+
+
+@pytest.fixture(params=head_names())
+def calm(request, monkeypatch) -> CALM:
+    monkeypatch.setitem(HEADS, "stub", StubHead)  # removed again after the test
+    torch.manual_seed(0)
+    ae_cfg = AutoencoderConfig(
+        vocab_size=V, chunk_size=K, latent_size=LATENT, d_model=16, ffn_size=32, mask_token_id=V - 1
+    )
+    backbone_cfg = BackboneConfig(n_layers=2, d_model=D, n_heads=4, ffn_size=64, max_seq_len=32)
+    head_cfg = HeadConfig(name=request.param, num_samples=2)
+    head_cfg.energy.num_target_samples = 4
+    return CALM(backbone_cfg, head_cfg, ChunkAutoencoder(ae_cfg))
+
+
+def test_attributes_and_hidden_shapes(calm):
+    assert calm.chunk_size == K and calm.latent_size == LATENT
+    assert calm.embed.weight.shape == (V, D)
+    assert calm.embed.weight is not calm.autoencoder.embedding.weight
+    tokens = torch.randint(0, V, (3, 6 * K))
+    assert calm.hidden_states(tokens).shape == (3, 6, D)
+    with pytest.raises(ValueError):
+        calm.hidden_states(torch.randint(0, V, (3, 6 * K + 1)))
+
+
+def test_loss_is_a_finite_scalar(calm):
+    tokens = torch.randint(0, V, (3, 5 * K))
+    out = calm.loss(tokens)
+    assert isinstance(out, CALMOutput)
+    assert out.loss.shape == () and torch.isfinite(out.loss)
+    assert out.per_position.shape == (3, 4)
+    torch.testing.assert_close(out.loss, out.per_position.mean())
+    with pytest.raises(ValueError):
+        calm.loss(torch.randint(0, V, (3, K)))
+
+
+def test_stub_loss_targets_are_next_chunk_posteriors(monkeypatch):
+    monkeypatch.setitem(HEADS, "stub", StubHead)
+    torch.manual_seed(0)
+    ae = ChunkAutoencoder(AutoencoderConfig(vocab_size=V, chunk_size=K, latent_size=LATENT, d_model=16))
+    model = CALM(BackboneConfig(n_layers=1, d_model=D, n_heads=4, ffn_size=64), HeadConfig(name="stub"), ae)
+    tokens = torch.randint(0, V, (2, 4 * K))
+    h = model.hidden_states(tokens)  # [B, L, D]
+    mu, _ = ae.encode(tokens.view(2, 4, K))  # [B, L, l]
+    want = (model.head.net(h[:, :-1]) - mu[:, 1:]).square().sum(-1)  # h_j predicts chunk j+1
+    torch.testing.assert_close(model.loss(tokens).per_position, want)
+
+
+def test_gradients_reach_everything_but_the_autoencoder(calm):
+    calm.train()
+    tokens = torch.randint(0, V, (2, 4 * K))
+    # One SGD step first: a head whose output layer is zero-initialised (the energy head) passes no
+    # gradient upstream until that layer has moved.
+    opt = torch.optim.SGD(calm.trainable_parameters(), lr=0.1)
+    calm.loss(tokens).loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    calm.loss(tokens).loss.backward()
+    for name in ("embed", "compress", "backbone", "head"):
+        grads = [p.grad for p in getattr(calm, name).parameters()]
+        assert all(g is not None for g in grads), name
+        assert sum(g.abs().sum() for g in grads) > 0, name
+    assert all(not p.requires_grad and p.grad is None for p in calm.autoencoder.parameters())
+    trainable = set(map(id, calm.trainable_parameters()))
+    assert not trainable & set(map(id, calm.autoencoder.parameters()))
+    # a self-contained checkpoint: the autoencoder's weights are in the state dict
+    assert any(k.startswith("autoencoder.") for k in calm.state_dict())
+
+
+def test_autoencoder_stays_in_eval_mode(calm):
+    calm.train()
+    assert calm.training and calm.backbone.training
+    assert not any(m.training for m in calm.autoencoder.modules())
+    calm.eval()
+    calm.train(True)
+    assert not calm.autoencoder.training
+
+
+def test_hidden_states_with_cache_chunk_by_chunk_equal_full(calm):
+    calm.eval()
+    tokens = torch.randint(0, V, (2, 5 * K))
+    full = calm.hidden_states(tokens)
+    cache = calm.new_cache()
+    steps = [calm.hidden_states(tokens[:, j * K : (j + 1) * K], kv_cache=cache) for j in range(5)]
+    assert cache.length == 5
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    # and in uneven blocks of chunks
+    cache = calm.new_cache()
+    first = calm.hidden_states(tokens[:, : 2 * K], kv_cache=cache)
+    rest = calm.hidden_states(tokens[:, 2 * K :], kv_cache=cache)
+    torch.testing.assert_close(torch.cat([first, rest], dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_sample_chunks_shape(calm):
+    calm.eval()
+    hidden = calm.hidden_states(torch.randint(0, V, (3, 2 * K))).reshape(6, D)
+    gen = torch.Generator().manual_seed(0)
+    chunks = calm.sample_chunks(hidden, num_samples=5, generator=gen)
+    assert chunks.shape == (6, 5, K) and chunks.dtype == torch.long
+    assert chunks.min() >= 0 and chunks.max() < V
+    again = calm.sample_chunks(hidden, num_samples=5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(chunks, again)
+
+
+def test_bf16_autocast_loss_and_backward(calm):
+    calm.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = calm.loss(torch.randint(0, V, (2, 3 * K)))
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert calm.embed.weight.grad is not None
