@@ -1,0 +1,372 @@
+"""Brier-n estimators for CALM and the token baseline (CALM.md section 4).
+
+Each estimator scores every start position of a batch of true sequences ``tokens[B, T]`` and returns
+``(sums[max_n], counts[max_n])`` ready for `BrierLM.update`: the sum over positions of an unbiased
+estimate of Brier-n = 2 P(y_{1:n}) - sum_x P(x_{1:n})^2, and how many positions were scored for each
+n (a position whose n-gram runs past the end of the sequence is left out of that n).
+
+Work happens in "units": one token for the baseline, one K-token chunk for CALM. A start position j
+(unit index, j = 0..L-2) has the true units 0..j as context and the tokens from unit j+1 on as its
+n-gram. Three quantities are needed per start:
+
+- Accuracy, E[1{x_{1:n} = y_{1:n}}] = P(y_{1:n}) = prod_k P(y_k | y_{<k}, context). An indicator can
+  only be 1 along the true prefix, so samples drawn once per position under teacher forcing (one
+  forward pass over [B, T]) give it for every start: the n-gram indicator of start j is the product
+  of per-token matches of the samples at units j, j+1, ... against the true tokens.
+- Collision, E[1{x1_{1:n} = x2_{1:n}}] with x1, x2 two free-running continuations. While they agree
+  they share their context, so one branch per start suffices: at every rollout step draw two samples
+  from the branch's predictive distribution, record whether they agree token by token, and continue
+  the branch with the first. The probability that the branch agrees on every unit up to step r and
+  passes through a given x_{1:r} is P(x_{1:r})^2, which makes cumprod(agreement) unbiased for the
+  collision probability (within a chunk the comparison is token-wise, giving partial n).
+- Low-variance variant for models with logits (CALM.md section 4, last bullet): accuracy exact,
+  2 prod_k P(y_k | true prefix); collision 1{agreed on the first n-1 tokens} * sum_x q_n(x)^2, the
+  exact sum of squares of the n-th token's distribution along the branch. Still unbiased.
+
+Batched rollouts: after one forward over the true sequence with a KV cache, rollout step r feeds
+one unit for every start at once. Start j's branch sits at position j + r and may attend only the
+cached true keys <= j and the keys its own branch wrote at earlier steps (a boolean branch mask over
+the cache), so all starts advance with one backbone call per step instead of a loop over positions.
+
+Random draws are injectable so that the batched rollouts can be checked exactly against a plain
+per-position loop: ``uniforms`` (token models, inverse-CDF sampling) and ``draw`` (CALM).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from calm_lightning.errors import CalmError
+from calm_lightning.metrics.functional import (
+    accum_dtype,
+    exclusive_cumprod,
+    ngram_indicators,
+    ngram_valid_mask,
+    ngram_windows,
+    reduce_brier_terms,
+)
+
+ESTIMATORS = ("auto", "two_sample", "low_variance")
+
+# draw(states[B, N, ...], step r) -> units [B, N, 2, U]: two independent samples of the next unit for
+# the N first start positions (row n = start n) at rollout step r (r = 0: teacher-forced positions).
+DrawFn = Callable[[Tensor, int], Tensor]
+# forward(units[B, N, U], positions[N], kv_cache, attn_mask[N, S + N]) -> states[B, N, ...]
+StepFn = Callable[[Tensor, Tensor, object, Tensor], Tensor]
+
+
+# --------------------------------------------------------------------------------------------------
+# The batched branch rollout shared by every estimator
+# --------------------------------------------------------------------------------------------------
+
+
+def branch_attention_mask(key_owner: Tensor, key_pos: Tensor, starts: Tensor) -> Tensor:
+    """Which cached keys each branch may attend to.
+
+    key_owner: [S] start index of the branch that wrote each key, -1 for keys of the true sequence;
+    key_pos: [S] position of each true key; starts: [N] the branches querying. Returns [N, S] bool:
+    true keys at positions <= start, plus the branch's own keys.
+    """
+    shared = (key_owner[None, :] < 0) & (key_pos[None, :] <= starts[:, None])
+    own = key_owner[None, :] == starts[:, None]
+    return shared | own
+
+
+def branch_rollout(
+    prefix_states: Tensor, kv_cache, forward: StepFn, draw: DrawFn, num_steps: int
+) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """Roll out one branch per start position, all starts in one backbone call per step.
+
+    prefix_states: [B, L, ...] teacher-forced states of the true sequence (already in ``kv_cache``);
+    start j = 0..L-2 begins from prefix_states[:, j]. At step r only starts j <= L-2-r are kept (the
+    others' n-grams have run past the end), so step r has N_r = L-1-r rows and feeds start j's branch
+    at position j + r with the first sample it drew at step r-1.
+
+    Yields (r, states[B, N_r, ...], pair[B, N_r, 2, U]) for r = 0..num_steps-1 (fewer if the sequence
+    is too short). Step 0's pair is drawn at the true positions, so it doubles as the teacher-forced
+    sample pair of every position.
+    """
+    L = prefix_states.shape[1]
+    device = prefix_states.device
+    key_owner = torch.full((L,), -1, dtype=torch.long, device=device)  # [S] -1: true-sequence key
+    key_pos = torch.arange(L, device=device)  # [S]
+    states = prefix_states[:, : L - 1]
+    pair = None
+    for r in range(num_steps):
+        n_r = L - 1 - r
+        if n_r <= 0:
+            return
+        if r > 0:
+            starts = torch.arange(n_r, device=device)  # [N_r]
+            key_owner = torch.cat([key_owner, starts])  # this step's keys join the cache
+            key_pos = torch.cat([key_pos, starts + r])
+            mask = branch_attention_mask(key_owner, key_pos, starts)  # [N_r, S + N_r]
+            states = forward(pair[:, :n_r, 0], starts + r, kv_cache, mask)  # [B, N_r, ...]
+        pair = draw(states, r)  # [B, N_r, 2, U]
+        yield r, states, pair
+
+
+def _new_cache(model):
+    """A fresh KV cache for ``model`` (None for toy models without a backbone)."""
+    if hasattr(model, "new_cache"):
+        return model.new_cache()
+    backbone = getattr(model, "backbone", None)
+    return backbone.new_cache() if hasattr(backbone, "new_cache") else None
+
+
+def _two_sample_sums(tokens: Tensor, unit: int, max_n: int, rollout: Iterator) -> tuple[Tensor, Tensor]:
+    """Sums of 1{x1 = y} + 1{x2 = y} - 1{x1 = x2} over starts, from a `branch_rollout` stream."""
+    B, T = tokens.shape
+    U = unit
+    num_starts = T // U - 1
+    num_steps = math.ceil(max_n / U)
+    agree = torch.zeros(B, num_starts, num_steps * U, dtype=torch.bool, device=tokens.device)
+    teacher = None
+    for r, _, pair in rollout:
+        if r == 0:
+            teacher = pair  # [B, L-1, 2, U] samples at every true position
+        n_r = pair.shape[1]
+        agree[:, :n_r, r * U : (r + 1) * U] = pair[:, :, 0] == pair[:, :, 1]
+    targets = tokens[:, U:].reshape(B, num_starts, U)  # unit j+1 is the target of position j
+    accuracy = 0
+    for s in range(2):  # the x1 and x2 runs
+        matches = (teacher[:, :, s] == targets).reshape(B, num_starts * U)  # per target token
+        accuracy = accuracy + ngram_indicators(ngram_windows(matches, max_n, U, fill=False), max_n)
+    collision = ngram_indicators(agree, max_n)  # [B, L-1, max_n]
+    first_target = (torch.arange(num_starts, device=tokens.device) + 1) * U  # [L-1]
+    valid = ngram_valid_mask(first_target, T, max_n).expand(B, -1, -1)  # [B, L-1, max_n]
+    return reduce_brier_terms(accuracy, collision, valid)
+
+
+def _empty(max_n: int, device) -> tuple[Tensor, Tensor]:
+    return (
+        torch.zeros(max_n, dtype=accum_dtype(device), device=device),
+        torch.zeros(max_n, dtype=torch.int64, device=device),
+    )
+
+
+def _check_max_n(max_n: int) -> None:
+    if max_n < 1:
+        raise CalmError(f"max_n must be >= 1, got {max_n}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Token-level models (TokenLM: forward(tokens, positions, kv_cache, attn_mask) -> logits)
+# --------------------------------------------------------------------------------------------------
+
+
+def inverse_cdf_sample(probs: Tensor, uniforms: Tensor) -> Tensor:
+    """Categorical draws by inverse CDF. probs: [..., V] (need not be normalised); uniforms: [..., S]
+    in [0, 1) -> indices [..., S]. Index k is returned with probability probs[k] / sum(probs)."""
+    V = probs.shape[-1]
+    cdf = probs.cumsum(dim=-1)  # [..., V]
+    flat_cdf = cdf.reshape(-1, V)
+    scaled = (uniforms.to(cdf.dtype) * cdf[..., -1:]).reshape(flat_cdf.shape[0], -1)  # [P, S]
+    idx = torch.searchsorted(flat_cdf, scaled, right=True).clamp_max(V - 1)
+    return idx.reshape(uniforms.shape)
+
+
+def _token_uniforms(
+    tokens: Tensor, max_n: int, generator: torch.Generator | None, uniforms: Tensor | None
+) -> Tensor:
+    """Uniforms [B, T-1, max_n, 2] for (start, rollout step, sample); drawn here unless given."""
+    B, T = tokens.shape
+    shape = (B, T - 1, max_n, 2)
+    if uniforms is None:
+        gen_device = generator.device if generator is not None else tokens.device
+        uniforms = torch.rand(shape, generator=generator, device=gen_device)
+    if tuple(uniforms.shape) != shape:
+        raise ValueError(f"uniforms must have shape {shape}, got {tuple(uniforms.shape)}")
+    return uniforms.to(tokens.device)
+
+
+def _token_rollout(
+    model, tokens: Tensor, max_n: int, uniforms: Tensor
+) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """`branch_rollout` for a token LM; states are logits [B, N, V], units single tokens."""
+    cache = _new_cache(model) if max_n > 1 else None
+    logits = model(tokens, kv_cache=cache)  # [B, T, V]
+
+    def forward(units, positions, kv_cache, mask):
+        return model(units[..., 0], positions=positions, kv_cache=kv_cache, attn_mask=mask)  # [B, N, V]
+
+    def draw(states, r):
+        probs = torch.softmax(states.float(), dim=-1)  # [B, N, V]
+        n = states.shape[1]
+        return inverse_cdf_sample(probs, uniforms[:, :n, r])[..., None]  # [B, N, 2, 1]
+
+    return branch_rollout(logits, cache, forward, draw, max_n)
+
+
+@torch.no_grad()
+def token_two_sample_estimate(
+    model,
+    tokens: Tensor,
+    max_n: int = 4,
+    generator: torch.Generator | None = None,
+    uniforms: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Plain two-sample Brier-n estimate for a token LM, every start position, batched rollouts.
+
+    tokens: [B, T]. uniforms: optional [B, T-1, max_n, 2] in [0, 1) driving the inverse-CDF draws of
+    (start, step, sample) (drawn from ``generator`` when None). Returns (sums[max_n], counts[max_n]).
+    """
+    _check_max_n(max_n)
+    if tokens.shape[1] < 2:
+        return _empty(max_n, tokens.device)
+    u = _token_uniforms(tokens, max_n, generator, uniforms)
+    return _two_sample_sums(tokens, 1, max_n, _token_rollout(model, tokens, max_n, u))
+
+
+@torch.no_grad()
+def token_low_variance_estimate(
+    model,
+    tokens: Tensor,
+    max_n: int = 4,
+    generator: torch.Generator | None = None,
+    uniforms: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Lower-variance Brier-n estimate for a token LM (it has logits), CALM.md section 4:
+
+        2 prod_{k<n} P(y_{k+1} | true prefix)  -  prod_{k<n-1} 1{a_k = b_k} * sum_x q_{n-1}(x)^2
+
+    with (a_k, b_k) the sample pair drawn at rollout step k of the branch (continued along a) and
+    q_k its predictive distribution there. Same arguments and return as `token_two_sample_estimate`.
+    """
+    _check_max_n(max_n)
+    B, T = tokens.shape
+    if T < 2:
+        return _empty(max_n, tokens.device)
+    u = _token_uniforms(tokens, max_n, generator, uniforms)
+    num_starts = T - 1
+    agree = torch.zeros(B, num_starts, max_n, dtype=torch.bool, device=tokens.device)
+    dtype = accum_dtype(tokens.device)
+    sum_sq = torch.zeros(B, num_starts, max_n, dtype=dtype, device=tokens.device)
+    log_p_target = None
+    for r, logits, pair in _token_rollout(model, tokens, max_n, u):
+        log_q = torch.log_softmax(logits.float(), dim=-1)  # [B, N_r, V]
+        n_r = logits.shape[1]
+        if r == 0:  # teacher forcing: log P(y_{j+1} | y_{<=j})
+            log_p_target = log_q.gather(-1, tokens[:, 1:, None])[..., 0].to(dtype)  # [B, T-1]
+        sum_sq[:, :n_r, r] = log_q.exp().square().sum(dim=-1).to(dtype)
+        agree[:, :n_r, r] = pair[:, :, 0, 0] == pair[:, :, 1, 0]
+    window = ngram_windows(log_p_target, max_n, 1, fill=float("-inf"))  # [B, T-1, max_n]
+    accuracy = 2 * window.cumsum(dim=-1).exp()
+    collision = exclusive_cumprod(agree.to(dtype)) * sum_sq  # [B, T-1, max_n]
+    valid = ngram_valid_mask(torch.arange(1, T, device=tokens.device), T, max_n).expand(B, -1, -1)
+    return reduce_brier_terms(accuracy, collision, valid)
+
+
+# --------------------------------------------------------------------------------------------------
+# CALM (hidden_states at chunk level, sample_chunks: head sample decoded by the autoencoder)
+# --------------------------------------------------------------------------------------------------
+
+
+def _calm_draw(model, generator: torch.Generator | None) -> DrawFn:
+    def draw(hidden, r):
+        B, N, D = hidden.shape
+        chunks = model.sample_chunks(hidden.reshape(B * N, D), 2, generator=generator)  # [B*N, 2, K]
+        return chunks.view(B, N, 2, -1).to(torch.long)  # [B, N, 2, K]
+
+    return draw
+
+
+def _check_calm_tokens(model, tokens: Tensor) -> int:
+    K = model.chunk_size
+    if tokens.shape[1] % K:
+        raise CalmError(f"sequence length {tokens.shape[1]} is not a multiple of the chunk size K={K}")
+    return K
+
+
+@torch.no_grad()
+def calm_rollout_estimate(
+    model,
+    tokens: Tensor,
+    max_n: int = 4,
+    generator: torch.Generator | None = None,
+    draw: DrawFn | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Two-sample Brier-n estimate for CALM at chunk-aligned start positions, any K.
+
+    ceil(max_n / K) chunks are drawn per start: the first at every true position (teacher forcing,
+    shared with the accuracy term), the rest along batched branch rollouts (none when K >= max_n).
+    Collisions compare tokens inside a chunk, so n need not be a multiple of K.
+
+    tokens: [B, T] with T = L*K. draw: optional replacement for ``model.sample_chunks``, see `DrawFn`.
+    Returns (sums[max_n], counts[max_n]); start j's n-gram is tokens[(j+1)K : (j+1)K + n].
+    """
+    _check_max_n(max_n)
+    K = _check_calm_tokens(model, tokens)
+    B, T = tokens.shape
+    if T < 2 * K:
+        return _empty(max_n, tokens.device)
+    num_steps = math.ceil(max_n / K)
+    cache = _new_cache(model) if num_steps > 1 else None
+    hidden = model.hidden_states(tokens, kv_cache=cache)  # [B, L, D]
+
+    def forward(units, positions, kv_cache, mask):
+        n = units.shape[1]
+        return model.hidden_states(
+            units.reshape(B, n * K), positions=positions, kv_cache=kv_cache, attn_mask=mask
+        )
+
+    draw = draw if draw is not None else _calm_draw(model, generator)
+    return _two_sample_sums(tokens, K, max_n, branch_rollout(hidden, cache, forward, draw, num_steps))
+
+
+@torch.no_grad()
+def calm_chunk_estimate(
+    model,
+    tokens: Tensor,
+    max_n: int = 4,
+    generator: torch.Generator | None = None,
+    draw: DrawFn | None = None,
+) -> tuple[Tensor, Tensor]:
+    """CALM with K >= max_n: one pair of decoded head samples per chunk-aligned position covers the
+    whole n-gram, so no rollout is needed. Hidden states h_0..h_{L-2} of one forward pass, two head
+    samples each (``model.sample_chunks(h, 2)``), targets chunk j+1's first max_n tokens.
+    Returns (sums[max_n], counts[max_n]) with counts = B * (L-1) for every n.
+    """
+    if model.chunk_size < max_n:
+        raise CalmError(f"calm_chunk_estimate needs K >= max_n, got K={model.chunk_size}, max_n={max_n}")
+    return calm_rollout_estimate(model, tokens, max_n, generator=generator, draw=draw)
+
+
+# --------------------------------------------------------------------------------------------------
+# Dispatcher
+# --------------------------------------------------------------------------------------------------
+
+
+def is_calm_like(model) -> bool:
+    """CALM (or anything with its evaluation API) rather than a token LM."""
+    return (
+        hasattr(model, "chunk_size") and hasattr(model, "hidden_states") and hasattr(model, "sample_chunks")
+    )
+
+
+def estimate_brier(
+    model, tokens: Tensor, max_n: int = 4, estimator: str = "auto", generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """Brier-1..max_n sums and counts for one batch of true sequences tokens[B, T].
+
+    CALM with K >= max_n -> `calm_chunk_estimate`; CALM with K < max_n -> `calm_rollout_estimate`;
+    token LM -> `token_low_variance_estimate` for estimator "auto"/"low_variance", else
+    `token_two_sample_estimate`. Runs under no_grad in the model's current mode (set eval yourself).
+    """
+    if estimator not in ESTIMATORS:
+        raise CalmError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
+    if is_calm_like(model):
+        if estimator == "low_variance":
+            raise CalmError(
+                "the low_variance estimator needs logits; CALM only has a sampler (use auto or two_sample)"
+            )
+        if model.chunk_size >= max_n:
+            return calm_chunk_estimate(model, tokens, max_n, generator=generator)
+        return calm_rollout_estimate(model, tokens, max_n, generator=generator)
+    if estimator in ("auto", "low_variance"):
+        return token_low_variance_estimate(model, tokens, max_n, generator=generator)
+    return token_two_sample_estimate(model, tokens, max_n, generator=generator)
