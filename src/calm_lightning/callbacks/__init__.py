@@ -1,0 +1,1 @@
+"""Callbacks own the side products of training: samples, figures, summaries."""

@@ -56,8 +56,16 @@ def _describe(e: OmegaConfBaseException) -> str:
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """Merge the schema, the YAML chain and the overrides; validate; return a typed DictConfig."""
+    return _merge(_read_yaml(Path(path)) if path is not None else [], overrides)
+
+
+def load_config_from_dict(config: dict, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Same as `load_config` for a config stored as a plain dict (e.g. in a checkpoint)."""
+    return _merge([config], overrides)
+
+
+def _merge(layers: list[dict], overrides: list[str] | tuple[str, ...]) -> DictConfig:
     cfg = OmegaConf.structured(ExperimentConfig)
-    layers = _read_yaml(Path(path)) if path is not None else []
     try:
         for layer in layers:
             cfg = OmegaConf.merge(cfg, OmegaConf.create(layer))

@@ -13,7 +13,7 @@ from calm_lightning.models.config import AutoencoderConfig, BackboneConfig, Head
 
 MODEL_KINDS = ("autoencoder", "calm", "ar")
 SCHEDULES = ("constant", "constant_with_warmup", "cosine")
-PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed", "64-true")
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "bf16-true", "16-mixed", "64-true")
 SAMPLERS = ("exact", "batch")
 
 
@@ -69,7 +69,7 @@ class TrainerConfig:
     devices: str = "1"  # an int as text, or "auto"
     num_nodes: int = 1
     strategy: str = "auto"  # auto | ddp | fsdp | ...
-    precision: str = "bf16-mixed"
+    precision: str = "auto"  # auto = bf16-mixed where bf16 matmuls are fast (GPU, AVX512_BF16/AMX CPU), else 32-true
     max_steps: int = 1000
     max_time_minutes: float = 0.0  # stop after this wall-clock time; 0 = no limit
     val_check_interval: int = 250  # validate every this many optimizer steps

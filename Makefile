@@ -1,0 +1,54 @@
+# calm-lightning front door. `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CALM := $(VENV)/bin/calm
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install prepare train-ae train-lm train-ar compare-heads eval test test-fast lint format bench tensorboard clean
+
+help: ## List the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): setup.cfg pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -c constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP) ## Build .venv and install the kit (torch 2.13.0 CPU pinned) in editable mode
+
+prepare: $(STAMP) ## Fetch and tokenize the default corpus into shards (idempotent)
+	$(CALM) prepare experiments/ae.yaml $(ARGS)
+
+train-ae: $(STAMP) ## Train the robust autoencoder (experiments/ae.yaml) and export it for train-lm
+	$(CALM) train experiments/ae.yaml logging.resume=true $(ARGS)
+
+train-lm: $(STAMP) ## Train CALM with the energy head (experiments/calm_energy.yaml); needs train-ae
+	$(CALM) train experiments/calm_energy.yaml logging.resume=true $(ARGS)
+
+train-ar: $(STAMP) ## Train the token-level Transformer baseline (experiments/ar_baseline.yaml)
+	$(CALM) train experiments/ar_baseline.yaml logging.resume=true $(ARGS)
+
+test: $(STAMP) ## Run the test suite (CPU, a few minutes)
+	$(VENV)/bin/pytest tests $(ARGS)
+
+lint: $(STAMP) ## Check style with ruff
+	$(VENV)/bin/ruff check src tests benchmarks
+
+format: $(STAMP) ## Format and fix imports with ruff
+	$(VENV)/bin/ruff check --fix --select I src tests benchmarks
+	$(VENV)/bin/ruff format src tests benchmarks
+
+bench: $(STAMP) ## Run the benchmarks; results go to benchmarks/results/
+	$(PY) benchmarks/run_all.py $(ARGS)
+
+tensorboard: $(STAMP) ## Serve the runs folder in TensorBoard
+	$(VENV)/bin/tensorboard --logdir runs --bind_all
+
+clean: ## Remove runs, artefacts and caches (never the source)
+	rm -rf runs artifacts .cache .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +

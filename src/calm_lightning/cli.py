@@ -1,0 +1,98 @@
+"""The `calm` console script: a thin dispatcher. User errors print one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from calm_lightning.errors import CalmError
+
+
+def _config(args):
+    from calm_lightning.config.loader import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_prepare(args) -> int:
+    from calm_lightning.config.schema import ExperimentConfig  # noqa: F401 - typed view below
+    from calm_lightning.data.prepare import check_min_tokens, prepare_data, summary
+    from calm_lightning.ui import print_table
+
+    cfg = _config(args)
+    exp = cfg_obj(cfg)
+    prepared = prepare_data(exp.data, exp.tokenizer)
+    check_min_tokens(prepared.meta, exp.data.block_size)
+    print_table("Prepared corpus", summary(prepared))
+    return 0
+
+
+def cfg_obj(cfg):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_object(cfg)
+
+
+def cmd_train(args) -> int:
+    from calm_lightning.train import train
+    from calm_lightning.ui import print_run_summary
+
+    result = train(_config(args))
+    print_run_summary(result)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from calm_lightning.evaluate import evaluate
+    from calm_lightning.ui import print_eval
+
+    result = evaluate(args.checkpoint, args.overrides, limit_batches=args.limit_batches)
+    if args.json:
+        import json
+
+        print(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        print_eval(result)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="calm", description="Continuous Autoregressive Language Models with Lightning.")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks for user errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sp = sub.add_parser("prepare", help="fetch the corpus, train/load the tokenizer, write token shards")
+    sp.add_argument("config", help="experiment YAML")
+    sp.add_argument("overrides", nargs="*", help="key=value overrides")
+    sp.set_defaults(func=cmd_prepare)
+
+    st = sub.add_parser("train", help="train the model an experiment YAML describes")
+    st.add_argument("config", help="experiment YAML")
+    st.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_steps=50")
+    st.set_defaults(func=cmd_train)
+
+    se = sub.add_parser("eval", help="BrierLM of a CALM/baseline checkpoint, accuracies of an autoencoder")
+    se.add_argument("checkpoint", help="a .ckpt file or a run directory (uses its checkpoints/last.ckpt)")
+    se.add_argument("overrides", nargs="*", help="data.* / eval.* overrides, e.g. data.corpus=my.txt")
+    se.add_argument("--limit-batches", type=int, default=0, help="evaluate at most this many batches (0 = all)")
+    se.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    se.set_defaults(func=cmd_eval)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("CALM_DEBUG") == "1"
+    try:
+        return args.func(args)
+    except CalmError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,76 @@
+"""`calm eval`: validation metrics of a checkpoint on a (possibly different) corpus.
+
+CALM and baseline checkpoints report BrierLM and Brier-1..n plus their loss; autoencoder checkpoints
+report token and chunk accuracies (z = mu, posterior sample, added noise).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import OmegaConf
+
+from calm_lightning.config.loader import load_config_from_dict
+from calm_lightning.errors import CalmError
+from calm_lightning.lit.autoencoder_module import AutoencoderLitModule
+from calm_lightning.lit.lm_modules import CALMLitModule, TokenLMLitModule
+from calm_lightning.utils.hardware import resolve_precision
+
+MODULES = {"autoencoder": AutoencoderLitModule, "calm": CALMLitModule, "ar": TokenLMLitModule}
+EVAL_OVERRIDE_PREFIXES = ("data.", "tokenizer.", "eval.", "trainer.precision", "trainer.threads", "trainer.seed",
+                          "trainer.limit_val_batches", "trainer.accelerator", "trainer.devices")
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        raise CalmError(f"checkpoint not found: {path}")
+    return path
+
+
+def load_checkpoint_config(ckpt: Path) -> dict[str, Any]:
+    try:
+        blob = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+        return blob["hyper_parameters"]
+    except Exception as e:  # noqa: BLE001 - every unreadable checkpoint is the same user-facing problem
+        raise CalmError(f"{ckpt}: not a readable calm-lightning checkpoint ({type(e).__name__})") from None
+
+
+def evaluate(checkpoint: str | Path, overrides: list[str] = (), *, limit_batches: int = 0) -> dict[str, Any]:
+    from calm_lightning.train import build_datamodule
+
+    ckpt = resolve_checkpoint(checkpoint)
+    hparams = load_checkpoint_config(ckpt)
+    if "config" not in hparams:
+        raise CalmError(f"{ckpt}: checkpoint has no stored config; was it written by calm-lightning?")
+    for o in overrides:
+        if not o.startswith(EVAL_OVERRIDE_PREFIXES):
+            raise CalmError(f"{o.split('=')[0]}: only data.*, tokenizer.*, eval.* and trainer device/precision "
+                            "keys can be overridden at evaluation")
+    cfg = load_config_from_dict(hparams["config"], overrides)
+    exp = OmegaConf.to_object(cfg)
+    kind = exp.model.kind
+    K = hparams.get("autoencoder_config", {}).get("chunk_size", exp.model.autoencoder.chunk_size)
+    dm = build_datamodule(exp, K)
+    stored_fp = hparams.get("tokenizer_fingerprint")
+    if stored_fp and stored_fp != dm.tokenizer_fingerprint:
+        raise CalmError(f"{ckpt}: trained with tokenizer {stored_fp[:12]} but the data uses "
+                        f"{dm.tokenizer_fingerprint[:12]}; pass the training tokenizer (tokenizer.path=...)")
+    module = MODULES[kind].load_from_checkpoint(ckpt, map_location="cpu", config=OmegaConf.to_container(cfg))
+    limit = limit_batches or exp.trainer.limit_val_batches or None
+    trainer = L.Trainer(accelerator=exp.trainer.accelerator, devices=1, precision=resolve_precision(exp.trainer.precision, exp.trainer.accelerator),
+                        logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=limit)
+    L.seed_everything(exp.trainer.seed, verbose=False)
+    metrics = trainer.validate(module, datamodule=dm, verbose=False)[0]
+    return {
+        "checkpoint": str(ckpt),
+        "kind": kind,
+        "step": int(torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True).get("global_step", 0)),
+        "metrics": {k: float(v) for k, v in sorted(metrics.items())},
+    }

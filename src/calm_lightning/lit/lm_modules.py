@@ -1,0 +1,106 @@
+"""LightningModules for the two language models: CALM (next-vector) and the token baseline.
+
+Both log ``val/brier1..4`` and ``val/brierlm`` from the same `BrierLM` metric so their curves share
+TensorBoard charts; CALM logs its head loss, the baseline its cross-entropy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import lightning as L
+import torch
+
+from calm_lightning.lit.common import check_finite, experiment_from_dict
+from calm_lightning.lit.optim import build_optimizer
+from calm_lightning.metrics.brier import BrierLM
+from calm_lightning.metrics.estimators import estimate_brier
+from calm_lightning.models.autoencoder import ChunkAutoencoder
+from calm_lightning.models.calm import CALM
+from calm_lightning.models.config import AutoencoderConfig
+from calm_lightning.models.token_lm import TokenLM
+
+
+class _LanguageModelLitModule(L.LightningModule):
+    """Shared training/validation loop; subclasses build ``self.model`` and say how to get a loss."""
+
+    model: torch.nn.Module
+
+    def __init__(self, config: dict[str, Any]):
+        super().__init__()
+        self.cfg = experiment_from_dict(config)
+        self.brier = BrierLM(max_n=self.cfg.eval.brier_max_n)
+
+    def compute_loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def loss_name(self) -> str:
+        return "loss"
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int):
+        loss = self.compute_loss(batch)
+        if not check_finite(loss, self.global_step, self.cfg.trainer.nan_policy):
+            self.log("train/skipped_steps", 1.0, reduce_fx="sum")
+            return None
+        self.log(f"train/{self.loss_name}", loss)
+        self.log("loss", loss, prog_bar=True, logger=False)
+        return loss
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self.log(f"val/{self.loss_name}", self.compute_loss(batch), sync_dist=True)
+        # Seeded per batch so that validation is reproducible and comparable across steps.
+        gen = torch.Generator(device=batch.device).manual_seed(self.cfg.trainer.seed + batch_idx)
+        sums, counts = estimate_brier(self.model, batch, max_n=self.cfg.eval.brier_max_n,
+                                      estimator=self.cfg.eval.estimator, generator=gen)
+        self.brier.update(sums, counts)
+
+    def on_validation_epoch_end(self) -> None:
+        scores = self.brier.compute()
+        self.log_dict({f"val/{k}": v for k, v in scores.items()})
+        self.brier.reset()
+
+    def configure_optimizers(self):
+        return build_optimizer(self.model, self.cfg.optim, self.cfg.trainer.max_steps)
+
+
+class CALMLitModule(_LanguageModelLitModule):
+    """CALM with a generative head. The frozen autoencoder's weights come with the module's state dict;
+    for a fresh run the CLI loads them from the export (`artifacts.load_autoencoder`)."""
+
+    def __init__(self, config: dict[str, Any], autoencoder_config: dict[str, Any], tokenizer_fingerprint: str = ""):
+        super().__init__(config)
+        self.save_hyperparameters()
+        autoencoder = ChunkAutoencoder(AutoencoderConfig(**autoencoder_config))
+        self.model = CALM(self.cfg.model.backbone, self.cfg.model.head, autoencoder)
+
+    def compute_loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.loss(tokens).loss
+
+    @property
+    def loss_name(self) -> str:
+        return "head_loss"
+
+    def load_autoencoder_weights(self, autoencoder: ChunkAutoencoder) -> None:
+        self.model.autoencoder.load_state_dict(autoencoder.state_dict())
+
+
+class TokenLMLitModule(_LanguageModelLitModule):
+    """The token-level Transformer baseline (same backbone, LM head, cross-entropy)."""
+
+    def __init__(self, config: dict[str, Any], vocab_size: int, tokenizer_fingerprint: str = ""):
+        super().__init__(config)
+        self.save_hyperparameters()
+        self.model = TokenLM(self.cfg.model.backbone, vocab_size, tie_embeddings=self.cfg.model.tie_embeddings)
+
+    def compute_loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.loss(tokens)
+
+    @property
+    def loss_name(self) -> str:
+        return "ce"
+
+
+def autoencoder_config_dict(model: ChunkAutoencoder) -> dict[str, Any]:
+    return dataclasses.asdict(model.cfg)

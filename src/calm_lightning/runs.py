@@ -1,0 +1,49 @@
+"""Run directories: runs/<name>/version_<n>, with resume of the latest version on request."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from calm_lightning.errors import CalmError
+
+_VERSION = re.compile(r"^version_(\d+)$")
+
+
+def _versions(root: Path) -> list[int]:
+    if not root.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in root.iterdir() if (m := _VERSION.match(p.name)))
+
+
+def resolve_run(runs_dir: str, name: str, resume: bool) -> tuple[int, Path | None]:
+    """(version, checkpoint to resume from or None). New runs never overwrite old ones."""
+    root = Path(runs_dir) / name
+    versions = _versions(root)
+    if resume:
+        for v in reversed(versions):
+            ckpt = root / f"version_{v}" / "checkpoints" / "last.ckpt"
+            if ckpt.is_file():
+                return v, ckpt
+    if resume and versions:
+        # A run killed before its first checkpoint: reuse its folder rather than leave an empty one.
+        return versions[-1], None
+    return (versions[-1] + 1 if versions else 0), None
+
+
+def check_resumable(ckpt: Path, model_section: dict, kind: str) -> None:
+    """Refuse to resume a run whose model differs from the config (a clear message, not a shape error)."""
+    try:
+        blob = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is the same user-facing problem
+        raise CalmError(f"{ckpt}: unreadable checkpoint ({type(e).__name__}); delete it or set logging.resume=false") from None
+    stored = blob.get("hyper_parameters", {}).get("config", {}).get("model", {})
+    keys = ("kind", "autoencoder") if kind == "autoencoder" else ("kind", "backbone", "head")
+    for key in keys:
+        if stored.get(key) != model_section.get(key):
+            raise CalmError(
+                f"{ckpt}: cannot resume, it was trained with a different model.{key}; "
+                "use another logging.name or logging.resume=false"
+            )

@@ -1,0 +1,143 @@
+"""`calm train`: build the DataModule, the LightningModule for ``model.kind`` and the Trainer, then fit.
+
+Runs live in ``runs/<name>/version_<n>`` (TensorBoard logs, ``config.yaml``, ``checkpoints/``); with
+``logging.resume=true`` the latest version continues from its ``last.ckpt``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+
+from calm_lightning.artifacts import export_autoencoder, load_autoencoder
+from calm_lightning.callbacks.reconstruction import ReconstructionExamples, RobustnessCurve
+from calm_lightning.callbacks.throughput import TokensPerSecond
+from calm_lightning.config.schema import ExperimentConfig
+from calm_lightning.data.datamodule import TokenChunkDataModule
+from calm_lightning.errors import CalmError
+from calm_lightning.lit.autoencoder_module import AutoencoderLitModule
+from calm_lightning.lit.checkpoint_io import AtomicCheckpointIO
+from calm_lightning.lit.lm_modules import CALMLitModule, TokenLMLitModule
+from calm_lightning.runs import check_resumable, resolve_run
+from calm_lightning.utils.hardware import resolve_precision
+from calm_lightning.utils.io import atomic_write_text
+
+
+def build_datamodule(exp: ExperimentConfig, chunk_size: int) -> TokenChunkDataModule:
+    dm = TokenChunkDataModule(exp.data, exp.tokenizer, chunk_size=chunk_size, seed=exp.trainer.seed)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def build_module(exp: ExperimentConfig, config: dict[str, Any], dm: TokenChunkDataModule) -> L.LightningModule:
+    fingerprint = dm.tokenizer_fingerprint
+    kind = exp.model.kind
+    if kind == "autoencoder":
+        return AutoencoderLitModule(config, vocab_size=dm.vocab_size, mask_token_id=dm.special_ids.mask,
+                                    tokenizer_fingerprint=fingerprint)
+    if kind == "ar":
+        return TokenLMLitModule(config, vocab_size=dm.vocab_size, tokenizer_fingerprint=fingerprint)
+    ae_cfg = exp.model.autoencoder
+    autoencoder, _ = load_autoencoder(exp.model.autoencoder_path, expect_chunk_size=ae_cfg.chunk_size,
+                                      expect_latent_size=ae_cfg.latent_size, expect_tokenizer=fingerprint)
+    module = CALMLitModule(config, autoencoder_config=dataclasses.asdict(autoencoder.cfg),
+                           tokenizer_fingerprint=fingerprint)
+    module.load_autoencoder_weights(autoencoder)
+    return module
+
+
+def _trainer(exp: ExperimentConfig, logger: TensorBoardLogger, callbacks: list[L.Callback], quiet: bool) -> L.Trainer:
+    t = exp.trainer
+    devices: int | str = "auto" if t.devices == "auto" else int(t.devices)
+    return L.Trainer(
+        accelerator=t.accelerator,
+        devices=devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        precision=resolve_precision(t.precision, t.accelerator),
+        max_steps=t.max_steps,
+        max_time={"minutes": t.max_time_minutes} if t.max_time_minutes > 0 else None,
+        val_check_interval=t.val_check_interval,
+        check_val_every_n_epoch=None,
+        limit_val_batches=t.limit_val_batches if t.limit_val_batches > 0 else None,
+        num_sanity_val_steps=0,
+        log_every_n_steps=t.log_every_n_steps,
+        gradient_clip_val=exp.optim.grad_clip if exp.optim.grad_clip > 0 else None,
+        accumulate_grad_batches=exp.optim.accumulate_grad_batches,
+        logger=logger,
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+        enable_model_summary=False,
+        enable_progress_bar=not quiet,
+        benchmark=False,
+    )
+
+
+def train(cfg: DictConfig, *, quiet: bool = False) -> dict[str, Any]:
+    """Fit the configured model; returns the final metrics and paths (also printed as a table)."""
+    exp: ExperimentConfig = OmegaConf.to_object(cfg)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    if exp.trainer.threads > 0:
+        torch.set_num_threads(exp.trainer.threads)
+    L.seed_everything(exp.trainer.seed, workers=True, verbose=False)
+    kind = exp.model.kind
+    dm = build_datamodule(exp, exp.model.autoencoder.chunk_size)
+    module = build_module(exp, config, dm)
+    if exp.trainer.compile:
+        module.model = torch.compile(module.model)
+
+    version, ckpt = resolve_run(exp.logging.runs_dir, exp.logging.name, exp.logging.resume)
+    if ckpt is not None:
+        check_resumable(ckpt, config["model"], kind)
+    logger = TensorBoardLogger(exp.logging.runs_dir, name=exp.logging.name, version=version, default_hp_metric=False)
+    run_dir = Path(logger.log_dir)
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+
+    throughput = TokensPerSecond()
+    callbacks: list[L.Callback] = [
+        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:07d}", auto_insert_metric_name=False,
+                        every_n_train_steps=exp.trainer.checkpoint_every_n_steps, save_last=True, save_top_k=1),
+        LearningRateMonitor(logging_interval="step"),
+        throughput,
+    ]
+    if not quiet:
+        callbacks.append(RichProgressBar(leave=True))
+    if kind == "autoencoder":
+        callbacks += [ReconstructionExamples(dm.tokenizer), RobustnessCurve()]
+    else:
+        from calm_lightning.callbacks.samples import TemperatureSamples
+
+        callbacks.append(TemperatureSamples(dm.tokenizer, exp.sampling, seed=exp.trainer.seed,
+                                            eos_id=dm.special_ids.eos, console=not quiet))
+
+    trainer = _trainer(exp, logger, callbacks, quiet)
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
+    if trainer.global_step > 0 and trainer.state.status.value == "finished":
+        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    elapsed = time.perf_counter() - start
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    result: dict[str, Any] = {
+        "kind": kind,
+        "run_dir": str(run_dir),
+        "global_step": trainer.global_step,
+        "wall_time_s": elapsed,
+        "train_tokens_per_s": throughput.mean_tokens_per_s,
+        "parameters": sum(p.numel() for p in module.model.parameters() if p.requires_grad),
+        "metrics": metrics,
+    }
+    if kind == "autoencoder" and exp.logging.export_path and trainer.is_global_zero:
+        export_autoencoder(module.model, exp.logging.export_path, tokenizer_fingerprint=dm.tokenizer_fingerprint,
+                           tokenizer_path=str(dm.tokenizer_path), metrics=metrics)
+        result["export"] = exp.logging.export_path
+    return result
