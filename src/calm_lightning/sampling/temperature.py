@@ -1,0 +1,548 @@
+"""Likelihood-free temperature sampling over whole K-token chunks (CALM paper, section 5 / CALM.md 5).
+
+Target: P_T(x) proportional to P(x)^(1/T), T in (0, 1], using only a sampler of P. An outcome x is a
+whole decoded chunk, LongTensor [K], and two outcomes are equal when all K tokens are equal. Every
+function works on C contexts at once with tensor ops (no Python loop over contexts) and takes its
+device from its inputs. Write s = 1/T, n = floor(s), a = s - n.
+
+Two samplers:
+
+- ``exact_temperature_sample``: the rejection + Bernoulli-factory algorithm. Exact for any T in
+  (0, 1] but its cost is random and explodes on large supports; a per-context cap ``max_draws`` bounds it.
+- ``batch_temperature_sample``: the paper's batch approximation from N candidates per context,
+  extended here to non-integer s by generalised binomial weights C(c, s) (design and reasons in
+  its docstring). Fixed cost, biased for finite N, consistent as N -> infinity.
+
+``temperature_sample`` is the single entry point used by generation.
+
+A *draw function* is ``draw_fn(context_index: LongTensor[C'], num: int) -> LongTensor[C', num, K]``:
+``num`` independent samples of P for each listed context (indices into the C contexts). It owns its
+randomness; the ``generator`` arguments here drive only the samplers' own coins.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from calm_lightning.errors import CalmError
+
+DrawFn = Callable[[torch.Tensor, int], torch.Tensor]
+
+SAMPLERS = ("exact", "batch")
+
+# 1/T closer than this (relative) to an integer is snapped to it, so that T = 1/3 really is n = 3, a = 0.
+_INTEGER_SNAP = 1e-9
+
+
+def inverse_temperature(temperature: float) -> tuple[float, int, float]:
+    """Split s = 1/T into (s, n, a) with n = floor(s), a = s - n in [0, 1); validates T in (0, 1]."""
+    temperature = float(temperature)
+    if not (0.0 < temperature <= 1.0) or math.isnan(temperature):
+        raise CalmError(f"temperature must be in (0, 1], got {temperature}")
+    s = 1.0 / temperature
+    if abs(s - round(s)) <= _INTEGER_SNAP * s:
+        s = float(round(s))
+    n = math.floor(s)
+    return s, n, s - n
+
+
+def _weight_dtype(device: torch.device) -> torch.dtype:
+    # Weights in float64 where the backend has it (exact worked examples, little lgamma round-off).
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+# ---------------------------------------------------------------------------------------------------
+# Grouping identical chunks per context
+# ---------------------------------------------------------------------------------------------------
+
+
+class ChunkCounts(NamedTuple):
+    """Identical chunks grouped per context (all [C, N] unless noted; candidate order as given).
+
+    group: id of the candidate's group within its context, 0 .. num_groups - 1 (lexicographic order).
+    count: number of candidates of the context equal to this one (its group's size).
+    first_index: index of the group's representative, its first occurrence in the row.
+    num_groups: [C] number of distinct chunks per context.
+    """
+
+    group: torch.Tensor
+    count: torch.Tensor
+    first_index: torch.Tensor
+    num_groups: torch.Tensor
+
+
+def _check_candidates(candidates: torch.Tensor) -> None:
+    if candidates.dim() != 3 or candidates.shape[1] < 1 or candidates.is_floating_point():
+        raise ValueError(
+            f"candidates must be an integer tensor [C, N >= 1, K], got {tuple(candidates.shape)}"
+        )
+
+
+def _sort_words(candidates: torch.Tensor) -> list[torch.Tensor]:
+    """Pack each chunk [K] into as few int64 words as the token range allows, most significant first.
+
+    candidates: [C, N, K] -> list of [C, N] keys whose lexicographic order is the chunks' order, so
+    equal chunks <-> equal word tuples (exact bit packing: no hashing, hence no collisions). With
+    K = 4 and a vocabulary below 2^15 this is a single word.
+    """
+    candidates = candidates.long()
+    k = candidates.shape[-1]
+    lo, hi = (int(v) for v in torch.aminmax(candidates))
+    if lo < 0:
+        candidates, hi = candidates - lo, hi - lo  # values in [0, hi]
+    bits = max(1, hi.bit_length())
+    per_word = max(1, 63 // bits)  # columns packed per non-negative int64
+    words = []
+    for start in range(0, k, per_word):
+        cols = candidates[..., start : start + per_word]  # [C, N, k']
+        weights = _place_values(bits, cols.shape[-1], cols.device)
+        # Integer matmul is exact (the word fits in 63 bits) and one kernel on CPU; CUDA lacks it.
+        words.append(cols @ weights if cols.device.type == "cpu" else (cols * weights).sum(-1))
+    return words
+
+
+@functools.lru_cache(maxsize=64)
+def _place_values(bits: int, width: int, device: torch.device) -> torch.Tensor:
+    """[width] int64 place values 2^(bits (width - 1 - j)): token j of a word is its j-th digit."""
+    return torch.tensor([1 << (bits * (width - 1 - j)) for j in range(width)], device=device)
+
+
+def _sorted_runs(
+    candidates: torch.Tensor, stable: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Lexicographic sort of each row of chunks, cut into runs of equal chunks.
+
+    candidates: [C, N, K]. Returns perm [C, N] (original index of each sorted slot), run [C, N] (run
+    id of each sorted slot, 0 .. R-1 in sorted order) and size [C, N] (length of run r at index r,
+    0 for r >= R). With ``stable`` each run's first slot holds its smallest original index; the
+    sampler does without (any occurrence of a chunk is the same chunk).
+    """
+    words = _sort_words(candidates)
+    keys, perm = words[-1].sort(dim=-1, stable=stable)
+    for word in reversed(words[:-1]):  # LSD radix over words: later passes must be stable
+        keys, order = word.gather(-1, perm).sort(dim=-1, stable=True)
+        perm = perm.gather(-1, order)
+    new_run = keys[:, 1:] != keys[:, :-1]  # [C, N - 1]
+    for word in words[:-1]:
+        sorted_word = word.gather(-1, perm)
+        new_run |= sorted_word[:, 1:] != sorted_word[:, :-1]
+    run = torch.nn.functional.pad(new_run.cumsum(-1), (1, 0))  # [C, N], run id per sorted slot
+    size = torch.zeros_like(run).scatter_add_(-1, run, torch.ones_like(run))  # [C, N] by run id
+    return perm, run, size
+
+
+def unique_counts(candidates: torch.Tensor) -> ChunkCounts:
+    """Group identical chunks within each context.
+
+    candidates: LongTensor [C, N, K] (N chunks of K tokens per context). Chunks are compared as whole
+    tuples. One stable sort per int64 word (tokens are bit-packed, so usually a single sort).
+    Returns ``ChunkCounts`` in the candidates' own order.
+    """
+    _check_candidates(candidates)
+    perm, run, size = _sorted_runs(candidates)
+    group = torch.empty_like(run).scatter_(-1, perm, run)  # back to the candidates' order
+    count = size.gather(-1, group)
+    first_slot = size.cumsum(-1) - size  # [C, N] sorted slot where run r starts
+    first_index = perm.gather(-1, first_slot.gather(-1, group))  # stable sort: the first occurrence
+    return ChunkCounts(group, count, first_index, run[:, -1] + 1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Batch approximation
+# ---------------------------------------------------------------------------------------------------
+
+
+def batch_log_weights(count: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    """log w(c; s) = log Gamma(c+1) - log Gamma(c-s+1) - log Gamma(s+1), the generalised binomial C(c, s).
+
+    count: [C, N] counts (any real dtype); level: [C] exponent s used per context. Returns [C, N] with
+    -inf where c - s + 1 <= 0, i.e. exactly when c < floor(s) for non-integer s and c < s for integer
+    s. For integer s this is log binom(c, s): the paper's weight.
+    """
+    level = level.unsqueeze(-1)  # [C, 1]
+    shifted = count - level + 1
+    # lgamma is finite on (0, 1) and +inf at 0; negative arguments are masked just below.
+    log_w = torch.lgamma(count + 1) - torch.lgamma(shifted) - torch.lgamma(level + 1)
+    return log_w.masked_fill(shifted <= 0, float("-inf"))
+
+
+@dataclass
+class BatchSampleInfo:
+    """What the batch sampler did per context ([C] each).
+
+    level: exponent actually used, s' = s - max(0, n - max_count); equals 1/T unless it fell back.
+    fell_back: level < 1/T (no chunk was repeated floor(1/T) times).
+    index: chosen candidate (an occurrence of the chosen chunk).
+    max_count, num_distinct: largest repeat count and number of distinct chunks among the N candidates.
+    """
+
+    level: torch.Tensor
+    fell_back: torch.Tensor
+    index: torch.Tensor
+    max_count: torch.Tensor
+    num_distinct: torch.Tensor
+
+
+# Largest (N + 1)^2 for which the weight table w(M, c) is cached (float64: 32 MiB); above, per call.
+_MAX_WEIGHT_TABLE = 1 << 22
+
+
+def _log_weight_terms(num_candidates: int, n: int, a: float, device: torch.device, dtype: torch.dtype):
+    """lgamma(c + 1) for c in 0..N, and lgamma(j + 1 - a) for j in -n..N at row j + n (+inf for j < 0)."""
+    log_factorial = torch.lgamma(torch.arange(1, num_candidates + 2, device=device, dtype=dtype))
+    j_grid = torch.arange(-n, num_candidates + 1, device=device, dtype=dtype)
+    return log_factorial, torch.lgamma(j_grid + (1 - a)).masked_fill(j_grid < 0, float("inf"))
+
+
+def _relative_weights(
+    count: torch.Tensor, max_count: torch.Tensor, num_candidates: int, s: float, device, dtype
+) -> torch.Tensor:
+    """w = C(c, level) / C(max_count, level), level = s - max(0, n - max_count); broadcasts count, max_count.
+
+    C(c, level) > 0 iff j = c - floor(level) = c + drop - n >= 0, and then log C(c, level) =
+    lgamma(c + 1) - lgamma(j + 1 - a) - lgamma(level + 1); the last term cancels in the ratio, and
+    dividing by the largest weight (C(c, s) grows with c) keeps exp from overflowing.
+    """
+    n = math.floor(s)
+    log_factorial, log_gamma_shifted = _log_weight_terms(num_candidates, n, s - n, device, dtype)
+    drop = (n - max_count).clamp_min(0)  # whole steps down the fallback cascade
+    top = log_factorial.take(max_count) - log_gamma_shifted.take(max_count + drop)
+    return (log_factorial.take(count) - log_gamma_shifted.take(count + drop) - top).exp()
+
+
+@functools.lru_cache(maxsize=16)
+def _weight_table(num_candidates: int, s: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """w(M, c) for M, c in 0..N, flattened [(N + 1)^2]: a chunk's weight depends only on its count c
+    and on its context's largest count M (which fixes the level), so one lookup replaces the lgamma
+    and exp work per candidate."""
+    grid = torch.arange(num_candidates + 1, device=device)
+    table = _relative_weights(grid.unsqueeze(0), grid.unsqueeze(1), num_candidates, s, device, dtype)
+    return table.masked_fill(grid.unsqueeze(0) > grid.unsqueeze(1), 0.0).flatten()  # c <= M only
+
+
+def _run_weights(size: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Weights per run, C(c, level) / C(max_count, level) in [0, 1], from the run sizes.
+
+    size: [C, N] run lengths by run id (0 = unused id, weight 0). Returns weights [C, N], level [C]
+    and max_count [C]. The same ratios as ``batch_log_weights``.
+    """
+    s, n, _ = inverse_temperature(temperature)
+    dtype = _weight_dtype(size.device)
+    num_candidates = size.shape[-1]
+    max_count = size.amax(-1, keepdim=True)  # [C, 1]
+    if (num_candidates + 1) ** 2 <= _MAX_WEIGHT_TABLE:
+        table = _weight_table(num_candidates, s, size.device, dtype)
+        weights = table.take(max_count * (num_candidates + 1) + size)  # [C, N]
+    else:
+        weights = _relative_weights(size, max_count, num_candidates, s, size.device, dtype)
+    level = s - (n - max_count[:, 0]).clamp_min(0).to(dtype)  # [C]
+    return weights, level, max_count[:, 0]
+
+
+def batch_temperature_probs(
+    candidates: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output distribution of the batch sampler over the given candidates.
+
+    candidates: LongTensor [C, N, K]. Returns probs [C, N] (float64, or float32 on MPS), each group's
+    mass on its first occurrence and 0 elsewhere, and level [C] (see ``BatchSampleInfo``).
+    """
+    _check_candidates(candidates)
+    perm, _, size = _sorted_runs(candidates)
+    weights, level, _ = _run_weights(size, temperature)
+    probs_by_run = weights / weights.sum(-1, keepdim=True)  # [C, N], 0 on unused run ids
+    first_slot = (size.cumsum(-1) - size).clamp_max(size.shape[-1] - 1)  # unused ids add 0 to slot N-1
+    probs_sorted = torch.zeros_like(probs_by_run).scatter_add_(-1, first_slot, probs_by_run)
+    return torch.zeros_like(probs_sorted).scatter_(-1, perm, probs_sorted), level
+
+
+def batch_temperature_sample(
+    candidates: torch.Tensor, temperature: float, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, BatchSampleInfo]:
+    """Batch approximation of P^(1/T): pick one of N candidate chunks per context by repeat counts.
+
+    candidates: LongTensor [C, N, K], N independent draws of P per context. Returns chunks [C, K]
+    and ``BatchSampleInfo``.
+
+    Rule (paper, T = 1/n): count each distinct chunk x among the N candidates (c_x); pick x with
+    probability proportional to binom(c_x, n). If no chunk has c_x >= n, fall back to n-1, n-2, ...;
+    level 1 weights chunks by c_x, which is plain sampling from the candidates. Since only the
+    largest count matters, the level is min(n, max_x c_x), resolved per context without a loop.
+    binom(c, n) / binom(N, n) is the unbiased estimator of P(x)^n, hence the rule.
+
+    Worked example (``tests/test_temperature.py`` checks it): N = 6 candidates A A A B B C at
+    T = 1/2 (n = 2). Weights binom(3,2) = 3, binom(2,2) = 1, binom(1,2) = 0, so P(A) = 3/4,
+    P(B) = 1/4, P(C) = 0. At T = 1/4 no chunk appears 4 times, so the level falls back to 3 and
+    only A qualifies: P(A) = 1. With six distinct candidates every level falls back to 1: uniform.
+
+    Non-integer s = 1/T = n + a (our design): weight w(c) = Gamma(c+1) / (Gamma(c-s+1) Gamma(s+1)),
+    the generalised binomial coefficient C(c, s) (the falling factorial c^(s) / Gamma(s+1)), and 0
+    when c - s + 1 <= 0. Why this one:
+
+    - It *is* binom(c, n) for integer s: the paper's rule is the special case.
+    - Consistent: c^(s) = c^s (1 + O(1/c)) and c / N -> P(x), so the normalised weights converge to
+      P(x)^s / Z_T as N -> infinity.
+    - Nearly unbiased at finite N: with Poisson counts, E[c^(s)] = (N P)^s (1 + eps) where eps is
+      1% at N P = 2 and 1e-4 at N P = 5, decaying exponentially; with multinomial counts
+      E[C(c, s)] / C(N, s) / P^s is 1.0001 at N = 100, P = 0.05 (s = 2.5). The plug-in alternative
+      binom(c, n) ((c-n)/(N-n))^a is off by 3% there (Jensen) and by 25-45% at N = 20.
+    - Continuous in T for every count (no jump at integer 1/T), and positive exactly for
+      c >= floor(s), the same trigger as the integer rule. The fallback cascade lowers the exponent
+      by whole steps, s -> s-1 -> ..., i.e. level s' = s - max(0, n - max_count), ending at 1 + a
+      (all candidates distinct: uniform, as at level 1).
+
+    Implementation: one sort per row of bit-packed chunks, run lengths by scatter-add, weights
+    from lgamma tables over 0..N (no overflow at large N or small T), one uniform per context
+    through the inverse CDF (``generator``).
+    """
+    _check_candidates(candidates)
+    s = inverse_temperature(temperature)[0]
+    perm, run, size = _sorted_runs(candidates, stable=False)
+    weights, level, max_count = _run_weights(size, temperature)  # [C, N] by run id
+    cdf = weights.cumsum(-1)  # [C, N]
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype)
+    # v = (1 - u) * total lies in (0, total]: the first run with cdf >= v has positive weight.
+    chosen = torch.searchsorted(cdf, (1 - u) * cdf[:, -1:])  # [C, 1] run id
+    index = perm.gather(-1, torch.searchsorted(run, chosen))  # [C, 1] an occurrence (first sorted slot)
+    k = candidates.shape[-1]
+    chunks = candidates.gather(1, index.unsqueeze(-1).expand(-1, -1, k))[:, 0]  # [C, K]
+    info = BatchSampleInfo(level, level < s, index[:, 0], max_count, run[:, -1] + 1)
+    return chunks, info
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exact sampler: rejection + Bernoulli factory
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ExactSampleStats:
+    """Cost and fallbacks of the exact sampler.
+
+    draws: [C] draws consumed per context by the sequential algorithm (what the expected-cost
+        formula counts); never more than ``max_draws``.
+    fallback: [C] bool, the context hit ``max_draws`` and returned a fallback chunk.
+    draws_made: total samples requested from ``draw_fn`` (block draws past an event are discarded).
+    rounds: number of vectorised rounds.
+    """
+
+    draws: torch.Tensor
+    fallback: torch.Tensor
+    draws_made: int
+    rounds: int
+
+    @property
+    def num_fallbacks(self) -> int:
+        return int(self.fallback.sum())
+
+
+def expected_exact_draws(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Expected draws of the exact sampler, (n + 1{a>0} sum_x P(x)^(s-1)) / Z_T, Z_T = sum_x P(x)^s.
+
+    probs: [..., X] a categorical P per row (zeros allowed). Returns [...].
+    """
+    s, n, a = inverse_temperature(temperature)
+    z = probs.pow(s).sum(-1)
+    extra = probs.pow(s - 1).sum(-1) if a > 0 else torch.zeros_like(z)  # s - 1 > 0 here, so 0^(s-1) = 0
+    return (n + extra) / z
+
+
+def exact_temperature_sample(
+    draw_fn: DrawFn,
+    num_contexts: int,
+    temperature: float,
+    *,
+    block_size: int = 8,
+    max_block_size: int = 1024,
+    max_draws: int = 100_000,
+    generator: torch.Generator | None = None,
+    index_device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, ExactSampleStats]:
+    """Exact sample of P^(1/T) / Z_T per context with only a sampler of P (CALM.md 5).
+
+    Sequential algorithm per context, s = 1/T = n + a:
+      1. Draw n samples; if not all equal, restart; else candidate x*.
+      2. If a == 0, return x*. Else for i = 1, 2, ...: draw x; if x == x* return x*; with
+         probability a/i restart from step 1.
+    Step 1 accepts x with probability P(x)^n; the loop of step 2 is a Bernoulli factory that
+    accepts with probability P(x)^a (it stops at step i with probability P(x) (1 - P(x))^(i-1)
+    prod_{j<i} (1 - a/j) and sums to P(x)^a), so the output is P^s / Z_T exactly.
+
+    Vectorised emulation: all pending contexts advance together in rounds. Each step draws a block
+    of B draws per context, B = the mean number of draws its contexts have already spent in that
+    step (since entering it), rounded up to a power of two and clamped to [``block_size``,
+    ``max_block_size``] and to the draws left before the cap: fresh contexts get small blocks (the factory often stops at i = 1 with
+    probability P(x) + (1 - P(x)) a), long-running ones doubling blocks (few rounds). A context in step 1
+    gets R = max(1, B // n) attempts (R n draws) and takes the first attempt whose n draws are all
+    equal; a context in step 2 gets B draws and coins u_i and stops at the first i with x_i == x*
+    (accept) or u_i < a/i (restart), i counting on across rounds. Draws after that event are
+    discarded: they are independent of everything before, so consuming draws in order up to the
+    event is the sequential algorithm and the distribution stays exact (for any block sizes).
+    ``draw_fn`` is called at most twice per round, on the contexts in each step.
+
+    Cap: a context never consumes more than ``max_draws`` draws (events past the cap are masked).
+    A context that reaches it returns a fallback chunk and is flagged in ``stats.fallback``: its
+    current candidate x* if it holds one (a sample at temperature 1/n, up to the cap's selection),
+    else a plain draw of P. Exactness therefore holds conditionally on no fallback; the expected
+    cost is ``expected_exact_draws``, which explodes on large supports as T -> 0 or T -> 1.
+    T = 1 is plain sampling: one draw per context.
+
+    draw_fn(context_index [C'], num) -> [C', num, K]; the indices live on ``index_device`` (default
+    CPU), the sampler's state on the draws' device. ``generator`` (on the draws' device) drives the
+    coins only. Returns chunks [C, K] and ``ExactSampleStats``.
+    """
+    s, n, a = inverse_temperature(temperature)
+    if min(block_size, max_block_size, max_draws) < 1:
+        raise CalmError(
+            f"block_size, max_block_size and max_draws must be >= 1, got {block_size}, {max_block_size}, {max_draws}"
+        )
+    index_device = torch.device("cpu") if index_device is None else torch.device(index_device)
+    width = min(block_size, max_block_size)
+    attempts = 1 if n == 1 else max(1, width // n)  # step 1 always succeeds at once when n == 1
+    block = draw_fn(torch.arange(num_contexts, device=index_device), attempts * n)  # [C, R n, K]
+    device, k = block.device, block.shape[-1]
+    draws = torch.zeros(num_contexts, dtype=torch.long, device=device)
+    draws_made = block.shape[0] * block.shape[1]
+    if n == 1 and a == 0:  # T = 1: the first draw is the sample
+        return block[:, 0], ExactSampleStats(
+            draws + 1, torch.zeros_like(draws, dtype=torch.bool), draws_made, 1
+        )
+
+    chunks = block.new_zeros(num_contexts, k)
+    candidate = block.new_zeros(num_contexts, k)  # x* where has_candidate
+    last_draw = block[:, 0].clone()  # a plain draw of P, the fallback without a candidate
+    has_candidate = torch.zeros(num_contexts, dtype=torch.bool, device=device)
+    done = torch.zeros_like(has_candidate)
+    fallback = torch.zeros_like(has_candidate)
+    step = torch.ones_like(draws)  # i of the Bernoulli factory
+    spent = torch.zeros_like(draws)  # draws consumed since entering the current step
+
+    def block_width(idx: torch.Tensor) -> int:
+        mean_spent = int(spent[idx].double().mean().ceil().item())
+        width = min(max(block_size, 1 << max(0, mean_spent - 1).bit_length()), max_block_size)
+        return min(width, int((max_draws - draws[idx]).max().item()))  # nothing past the cap
+
+    rounds = 0
+    while True:
+        rounds += 1
+        # Step 1: contexts without a candidate look for n equal draws among R attempts.
+        idx = (~done & ~has_candidate).nonzero().squeeze(-1)
+        if idx.numel():
+            if block is None:
+                attempts = 1 if n == 1 else max(1, block_width(idx) // n)
+                block = draw_fn(idx.to(index_device), attempts * n)
+                draws_made += block.shape[0] * block.shape[1]
+            x = block.view(idx.numel(), attempts, n, k)  # [C1, R, n, K]
+            last_draw[idx] = x[:, 0, 0]
+            equal = (x == x[:, :, :1]).all(-1).all(-1)  # [C1, R]
+            used = torch.arange(1, attempts + 1, device=device) * n  # [R] draws consumed through attempt r
+            within = draws[idx].unsqueeze(-1) + used <= max_draws  # [C1, R]
+            equal &= within
+            hit = equal.any(-1)
+            at = equal.to(torch.uint8).argmax(-1)  # first successful attempt
+            consumed = torch.where(hit, (at + 1) * n, within.sum(-1) * n)
+            draws[idx] += consumed
+            spent[idx] += consumed
+            got = idx[hit]
+            spent[got] = 0
+            candidate[got] = x[hit, at[hit], 0]
+            if a == 0:
+                chunks[got] = candidate[got]
+                done[got] = True
+            else:
+                has_candidate[got] = True
+                step[got] = 1
+        block = None
+
+        # Step 2: contexts holding x* run the Bernoulli factory over B draws and coins.
+        idx = (~done & has_candidate).nonzero().squeeze(-1)
+        if idx.numel():
+            width = block_width(idx)
+            y = draw_fn(idx.to(index_device), width)  # [C2, B, K]
+            draws_made += y.shape[0] * y.shape[1]
+            offset = torch.arange(width, device=device)
+            i = (step[idx].unsqueeze(-1) + offset).to(torch.float64)  # [C2, B]
+            coins = torch.rand(idx.numel(), width, generator=generator, device=device, dtype=torch.float64)
+            match = (y == candidate[idx].unsqueeze(1)).all(-1)  # [C2, B]
+            within = draws[idx].unsqueeze(-1) + offset + 1 <= max_draws
+            event = (match | (coins * i < a)) & within  # u_i < a / i
+            stop = event.any(-1)
+            at = event.to(torch.uint8).argmax(-1, keepdim=True)  # first event
+            accepted = stop & match.gather(-1, at).squeeze(-1)
+            restarted = stop & ~accepted
+            consumed = torch.where(stop, at.squeeze(-1) + 1, within.sum(-1))
+            draws[idx] += consumed
+            spent[idx] += consumed
+            step[idx] += width
+            chunks[idx[accepted]] = candidate[idx[accepted]]
+            done[idx[accepted]] = True
+            has_candidate[idx[restarted]] = False
+            spent[idx[restarted]] = 0
+
+        # Cap: the next action (n draws in step 1, one in step 2) no longer fits.
+        need = torch.where(has_candidate, 1, n)
+        capped = ~done & (draws + need > max_draws)
+        if capped.any():
+            chunks[capped] = torch.where(
+                has_candidate[capped].unsqueeze(-1), candidate[capped], last_draw[capped]
+            )
+            fallback |= capped
+            done |= capped
+        if bool(done.all()):
+            break
+    return chunks, ExactSampleStats(draws, fallback, draws_made, rounds)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------------
+
+
+def temperature_sample(
+    draw_fn: DrawFn,
+    num_contexts: int,
+    temperature: float,
+    sampler: str = "exact",
+    *,
+    num_candidates: int = 200,
+    block_size: int = 8,
+    max_block_size: int = 1024,
+    max_draws: int = 100_000,
+    generator: torch.Generator | None = None,
+    index_device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, ExactSampleStats | BatchSampleInfo | None]:
+    """Sample one chunk per context from P^(1/T) / Z_T with either sampler.
+
+    draw_fn(context_index [C'], num) -> [C', num, K]. ``sampler="exact"`` uses
+    ``exact_temperature_sample`` (``block_size``, ``max_block_size``, ``max_draws``); ``"batch"`` draws
+    ``num_candidates`` (N) per context and uses ``batch_temperature_sample``. T = 1 is one plain
+    draw per context for both (info is then None). Context indices live on ``index_device`` (default
+    CPU). Returns chunks [C, K] and the sampler's info.
+    """
+    s, _, _ = inverse_temperature(temperature)
+    if sampler not in SAMPLERS:
+        raise CalmError(f"unknown temperature sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    contexts = torch.arange(num_contexts, device=index_device)
+    if s == 1.0:
+        return draw_fn(contexts, 1)[:, 0], None
+    if sampler == "exact":
+        return exact_temperature_sample(
+            draw_fn,
+            num_contexts,
+            temperature,
+            block_size=block_size,
+            max_block_size=max_block_size,
+            max_draws=max_draws,
+            generator=generator,
+            index_device=index_device,
+        )
+    if num_candidates < 1:
+        raise CalmError(f"num_candidates must be >= 1, got {num_candidates}")
+    candidates = draw_fn(contexts, num_candidates)  # [C, N, K]
+    return batch_temperature_sample(candidates, temperature, generator=generator)
