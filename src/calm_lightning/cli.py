@@ -58,6 +58,23 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_sample(args) -> int:
+    from calm_lightning.sample import load_for_sampling, sample
+    from calm_lightning.sampling.generate import GenerationConfig
+    from calm_lightning.ui import SampleStream, print_sample_header, print_samples
+
+    gcfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, sampler=args.sampler,
+                            num_candidates=args.num_candidates, max_draws=args.max_draws)
+    gcfg.validate()  # before the (slow) load
+    prompts = args.prompt or [""]
+    loaded = load_for_sampling(args.checkpoint, args.device)
+    print_sample_header(loaded, gcfg)
+    stream = SampleStream(prompts[0]) if len(prompts) == 1 else None  # stream a single prompt
+    result = sample(loaded, prompts, gcfg, seed=args.seed, on_text=stream)
+    print_samples(result, stream)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="calm", description="Continuous Autoregressive Language Models with Lightning.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks for user errors")
@@ -79,6 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--limit-batches", type=int, default=0, help="evaluate at most this many batches (0 = all)")
     se.add_argument("--json", action="store_true", help="print JSON instead of a table")
     se.set_defaults(func=cmd_eval)
+
+    ss = sub.add_parser("sample", help="continue text prompts with a CALM/baseline checkpoint (streamed)")
+    ss.add_argument("checkpoint", help="a .ckpt file or a run directory (uses its checkpoints/last.ckpt)")
+    ss.add_argument("--prompt", action="append", metavar="TEXT",
+                    help="text to continue; repeat for a batch (default: one empty prompt, a document start)")
+    ss.add_argument("--temperature", type=float, default=0.5, metavar="T", help="T in (0, 1] (default 0.5)")
+    ss.add_argument("--sampler", choices=("exact", "batch"), default="batch",
+                    help="CALM temperature sampler (default batch)")
+    ss.add_argument("--num-candidates", type=int, default=200, metavar="N", help="N of the batch sampler, >= 1/T (default 200)")
+    ss.add_argument("--max-draws", type=int, default=4096, metavar="N", help="exact sampler: cap on draws per chunk (default 4096)")
+    ss.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens to add per prompt (default 64)")
+    ss.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
+    ss.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N or mps")
+    ss.set_defaults(func=cmd_sample)
     return p
 
 

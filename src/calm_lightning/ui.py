@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 console = Console()
+err_console = Console(stderr=True)
 
 
 def print_table(title: str, rows: list[tuple[str, str]]) -> None:
@@ -55,3 +56,79 @@ def print_eval(result: dict[str, Any]) -> None:
         shown = f"{100 * v:.2f}%" if any(s in k for s in _PERCENT_KEYS) else _fmt(v)
         rows.append((k, shown))
     print_table("Evaluation", rows)
+
+
+def print_sample_header(loaded, gcfg) -> None:
+    """One line on stderr saying what generates, so stdout holds only the text."""
+    what = f"{loaded.kind} checkpoint step {loaded.step:,}" + (f", K={loaded.chunk_size}" if loaded.kind == "calm" else "")
+    how = f"T={gcfg.temperature:g}"
+    if loaded.kind == "calm" and gcfg.temperature < 1:
+        how += f", {gcfg.sampler} sampler" + (f" N={gcfg.num_candidates}" if gcfg.sampler == "batch"
+                                               else f" max_draws={gcfg.max_draws}")
+    from rich.text import Text
+
+    err_console.print(Text(f"{what} ({loaded.checkpoint}), {how}, {gcfg.max_new_tokens} new tokens, {loaded.device}",
+                           style="dim"), soft_wrap=True)
+
+
+# Model text is printed as produced, except that on a terminal control characters other than newline
+# and tab are shown as their Unicode control pictures (an untrained model emits arbitrary bytes).
+_CONTROL_PICTURES = {**{c: 0x2400 + c for c in range(32) if c not in (9, 10)}, 127: 0x2421}
+
+
+def stream_text(text: str, prompt: bool = False) -> None:
+    """Write text to stdout now, unwrapped and unstyled (the prompt in bold on a terminal)."""
+    from rich.text import Text
+
+    if console.is_terminal:
+        text = text.translate(_CONTROL_PICTURES)
+        if prompt:
+            console.print(Text(text, style="bold"), end="", soft_wrap=True)
+            return
+    console.file.write(text)
+    console.file.flush()
+
+
+class SampleStream:
+    """``on_text`` for one prompt: prints the prompt when its first text arrives (so an error raised
+    before generation leaves stdout empty), then each piece as it comes."""
+
+    def __init__(self, prompt: str) -> None:
+        self.prompt, self.started = prompt, False
+
+    def __call__(self, row: int, text: str) -> None:
+        self._start()
+        stream_text(text)
+
+    def finish(self) -> None:
+        self._start()
+        stream_text("\n")
+
+    def _start(self) -> None:
+        if not self.started:
+            stream_text(self.prompt, prompt=True)
+            self.started = True
+
+
+def print_samples(result, stream: SampleStream | None = None) -> None:
+    """End a streamed sample, or print every prompt with its continuation; sampler notes on stderr."""
+    from rich.rule import Rule
+
+    if stream is not None:
+        stream.finish()
+    else:
+        for i, (prompt, cont) in enumerate(zip(result.prompts, result.continuations), start=1):
+            console.print(Rule(f"sample {i} of {len(result.prompts)}", style="dim"))
+            stream_text(prompt, prompt=True)
+            stream_text(cont + "\n")
+    fallbacks = {}
+    for step in result.stats:
+        fallbacks[step.get("sampler")] = fallbacks.get(step.get("sampler"), 0) + step.get("fallbacks", 0)
+    if fallbacks.get("exact"):
+        err_console.print(f"note: the exact sampler reached --max-draws on {fallbacks['exact']} chunk(s) and returned "
+                          "a fallback there (a sample at a higher temperature)", style="yellow", soft_wrap=True,
+                          highlight=False)
+    if fallbacks.get("batch"):
+        err_console.print(f"note: the batch sampler fell back to a lower level on {fallbacks['batch']} chunk(s): no "
+                          "chunk appeared 1/T times among --num-candidates", style="yellow", soft_wrap=True,
+                          highlight=False)
