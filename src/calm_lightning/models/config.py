@@ -51,6 +51,7 @@ class EnergyHeadConfig:
     num_blocks: int = 0  # residual blocks; 0 = max(1, backbone layers // 4)
     num_target_samples: int = 100  # M: posterior samples per position in the energy loss
     alpha: float = 1.0  # exponent of the distance in the energy score, strictly proper in (0, 2)
+    shared_target_noise: bool = True  # one N(0, I) bank of M per batch, sign-flipped per position; False = i.i.d.
 
 
 @dataclass
@@ -60,6 +61,7 @@ class FlowHeadConfig:
     num_blocks: int = 0  # adaLN residual blocks; 0 = max(1, backbone layers // 4)
     solver: str = "midpoint"  # euler | midpoint
     num_steps: int = 4  # solver steps from t=0 to t=1
+    time_scale: float = 1000.0  # t in [0, 1] is multiplied by this before the sinusoidal timestep embedding
 
 
 @dataclass
@@ -71,6 +73,8 @@ class DiffusionHeadConfig:
     num_steps: int = 100  # respaced sampling steps
     deterministic: bool = False  # DDIM-style sampling instead of ancestral
     learn_sigma: bool = False  # also predict the variance interpolation
+    cosine_offset: float = 0.008  # s of the cosine schedule, abar(u) ~ cos^2((u + s)/(1 + s) * pi/2)
+    max_beta: float = 0.999  # upper clip of each beta_t (the cosine schedule's last beta would be 1)
 
 
 @dataclass

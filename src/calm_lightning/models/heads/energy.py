@@ -1,1 +1,127 @@
-"""Placeholder until implemented."""
+"""Energy head: a one-step implicit sampler trained with the energy score (CALM.md section 2).
+
+The head maps (h, eps) to a latent, eps ~ U[-0.5, 0.5]^noise_size, so one network evaluation gives one
+sample; its distribution is only known through samples, which is all the energy score needs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from calm_lightning.models.config import HeadConfig
+from calm_lightning.models.heads import register_head
+from calm_lightning.models.heads.base import GenerativeHead, resolve_num_blocks
+from calm_lightning.models.heads.energy_loss import energy_score_loss
+from calm_lightning.models.layers import SwiGLU
+
+
+class EnergyBlock(nn.Module):
+    """e + SwiGLU(Linear(SiLU(Linear([LN(e), c])))): fuse the noise stream e with the condition c.
+
+    Params ~6 w^2: 2w^2 (fuse) + w^2 + 3w^2 (SwiGLU with hidden width w).
+    """
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fuse = nn.Sequential(nn.Linear(2 * width, width), nn.SiLU(), nn.Linear(width, width))
+        self.ffn = SwiGLU(width, width)
+
+    def forward(self, e: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """e, c: [B, w] -> [B, w]."""
+        return e + self.ffn(self.fuse(torch.cat([self.norm(e), c], dim=-1)))
+
+
+@register_head("energy")
+class EnergyHead(GenerativeHead):
+    """Noise + condition -> latent in one pass; loss = energy score against the AE posterior.
+
+    noise eps[B, noise_size] -> Linear -> LN = e;  h[B, D] -> Linear -> LN = c;
+    num_blocks x EnergyBlock(e, c);  LN -> Linear -> SiLU -> Linear(w -> l) (zero-initialised).
+    """
+
+    def __init__(self, hidden_size: int, latent_size: int, cfg: HeadConfig, num_backbone_layers: int):
+        super().__init__(hidden_size, latent_size, cfg, num_backbone_layers)
+        w = cfg.width or hidden_size
+        self.width = w
+        self.noise_size = cfg.energy.noise_size
+        self.noise_proj = nn.Linear(self.noise_size, w)
+        self.noise_norm = nn.LayerNorm(w)
+        self.cond_proj = nn.Linear(hidden_size, w)
+        self.cond_norm = nn.LayerNorm(w)
+        num_blocks = resolve_num_blocks(cfg.energy.num_blocks, num_backbone_layers)
+        self.blocks = nn.ModuleList(EnergyBlock(w) for _ in range(num_blocks))
+        self.out_norm = nn.LayerNorm(w)
+        self.out_hidden = nn.Linear(w, w)
+        self.out_act = nn.SiLU()
+        self.out_proj = nn.Linear(w, latent_size)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                m.reset_parameters()
+        # CALM.md section 2: the last linear starts at zero (every sample starts at the origin).
+        nn.init.zeros_(self.out_proj.weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def condition(self, hidden: torch.Tensor, repeats: int = 1) -> torch.Tensor:
+        """c = LN(Linear(h)), once per position, then repeated: hidden [P, D] -> [P*repeats, w]."""
+        c = self.cond_norm(self.cond_proj(hidden.to(self.cond_proj.weight.dtype)))  # [P, w]
+        return c.repeat_interleave(repeats, dim=0)
+
+    def generate(self, cond: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """One network evaluation. cond: [B, w] from ``condition``, noise: [B, noise_size] -> [B, l] float32."""
+        e = self.noise_norm(self.noise_proj(noise.to(self.noise_proj.weight.dtype)))  # [B, w]
+        for block in self.blocks:
+            e = block(e, cond)
+        return self.out_proj(self.out_act(self.out_hidden(self.out_norm(e)))).float()
+
+    def forward(self, hidden: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """hidden: [B, D], noise: [B, noise_size] -> latents [B, l] (float32)."""
+        return self.generate(self.condition(hidden), noise)
+
+    def _draw_noise(
+        self, batch: int, device: torch.device, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """eps ~ U[-0.5, 0.5]^noise_size (the unit uniform, centred): [batch, noise_size] float32."""
+        return torch.rand(batch, self.noise_size, generator=generator, device=device).sub_(0.5)
+
+    def _samples(
+        self, hidden: torch.Tensor, num_samples: int, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """hidden [P, D] -> [P, S, l]: all P*S samples in one batched pass with independent noise.
+
+        The condition branch runs once per position (then repeated), not once per sample.
+        """
+        P = hidden.shape[0]
+        cond = self.condition(hidden, num_samples)  # [P*S, w]
+        noise = self._draw_noise(P * num_samples, hidden.device, generator)  # [P*S, noise_size]
+        return self.generate(cond, noise).view(P, num_samples, self.latent_size)  # [P, S, l]
+
+    def loss(self, hidden: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
+        """Energy-score loss per position (CALM.md section 2; formula in ``energy_score_loss``).
+
+        hidden: [P, D]; mu, log_sigma: [P, l] the AE posterior (treated as constants).
+        N = cfg.num_samples head samples, M = cfg.energy.num_target_samples posterior samples. -> [P] float32.
+        """
+        samples = self._samples(hidden, self.cfg.num_samples, None)  # [P, N, l]
+        sigma = log_sigma.detach().float().exp()
+        e = self.cfg.energy
+        return energy_score_loss(
+            samples, mu, sigma, e.num_target_samples, e.alpha, shared_noise=e.shared_target_noise
+        )
+
+    def sample(
+        self, hidden: torch.Tensor, num_samples: int = 1, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """hidden: [P, D] -> latents [P, S, l] (float32), one network evaluation each, batched.
+
+        ``generator`` (on hidden's device) makes the draw reproducible.
+        """
+        return self._samples(hidden, num_samples, generator)
