@@ -23,6 +23,7 @@ from calm_lightning.callbacks.throughput import TokensPerSecond
 from calm_lightning.config.schema import ExperimentConfig
 from calm_lightning.data.datamodule import TokenChunkDataModule
 from calm_lightning.errors import CalmError
+from calm_lightning.flops import training_flops_per_token
 from calm_lightning.lit.autoencoder_module import AutoencoderLitModule
 from calm_lightning.lit.checkpoint_io import AtomicCheckpointIO
 from calm_lightning.lit.lm_modules import CALMLitModule, TokenLMLitModule
@@ -66,7 +67,8 @@ def _trainer(exp: ExperimentConfig, logger: TensorBoardLogger, callbacks: list[L
         precision=resolve_precision(t.precision, t.accelerator),
         max_steps=t.max_steps,
         max_time={"minutes": t.max_time_minutes} if t.max_time_minutes > 0 else None,
-        val_check_interval=t.val_check_interval,
+        # the schema counts optimizer steps; Lightning counts batches
+        val_check_interval=t.val_check_interval * exp.optim.accumulate_grad_batches,
         check_val_every_n_epoch=None,
         limit_val_batches=t.limit_val_batches if t.limit_val_batches > 0 else None,
         num_sanity_val_steps=0,
@@ -102,7 +104,10 @@ def train(cfg: DictConfig, *, quiet: bool = False) -> dict[str, Any]:
     run_dir = Path(logger.log_dir)
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
 
-    throughput = TokensPerSecond()
+    throughput = TokensPerSecond(
+        flops_per_token=training_flops_per_token(module.model, seq_len=exp.data.block_size),
+        peak_flops=exp.trainer.peak_flops,
+    )
     callbacks: list[L.Callback] = [
         ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:07d}", auto_insert_metric_name=False,
                         every_n_train_steps=exp.trainer.checkpoint_every_n_steps, save_last=True, save_top_k=1),
@@ -133,6 +138,7 @@ def train(cfg: DictConfig, *, quiet: bool = False) -> dict[str, Any]:
         "global_step": trainer.global_step,
         "wall_time_s": elapsed,
         "train_tokens_per_s": throughput.mean_tokens_per_s,
+        "mfu": throughput.mean_mfu,
         "parameters": sum(p.numel() for p in module.model.parameters() if p.requires_grad),
         "metrics": metrics,
     }

@@ -80,6 +80,7 @@ class TrainerConfig:
     compile: bool = False  # torch.compile the model
     threads: int = 0  # torch intra-op threads; 0 = torch default
     nan_policy: str = "stop"  # stop | skip: what a non-finite loss does
+    peak_flops: float = 0.0  # device peak FLOP/s for MFU; 0 = look up known GPUs, none on CPU
 
 
 @dataclass
@@ -171,6 +172,7 @@ def validate(cfg: ExperimentConfig) -> list[str]:
     errs += _check(t.precision in PRECISIONS, "trainer.precision", f"must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
     errs += _check(t.max_steps >= 1, "trainer.max_steps", f"must be >= 1, got {t.max_steps}")
     errs += _check(t.val_check_interval >= 1, "trainer.val_check_interval", f"must be >= 1, got {t.val_check_interval}")
+    errs += _check(t.peak_flops >= 0, "trainer.peak_flops", f"must be >= 0, got {t.peak_flops}")
     errs += _check(t.nan_policy in ("stop", "skip"), "trainer.nan_policy", f"must be stop or skip, got {t.nan_policy!r}")
     errs += _check(t.devices == "auto" or t.devices.isdigit(), "trainer.devices", f"must be an integer or 'auto', got {t.devices!r}")
     errs += _check(1 <= cfg.eval.brier_max_n <= 8, "eval.brier_max_n", f"must be in [1, 8], got {cfg.eval.brier_max_n}")

@@ -1,0 +1,125 @@
+"""The Lightning layer end to end through the real CLI: eval, resume, refusal of bad artefacts, NaN policy."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from calm_lightning.cli import main
+
+
+def run_cli(capsys, *argv):
+    capsys.readouterr()  # drop what fixtures printed while building their runs
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_eval_autoencoder_reports_accuracies(tiny_ae_run, capsys):
+    rc, out, _ = run_cli(capsys, "eval", tiny_ae_run.run_dir, "--json")
+    assert rc == 0
+    result = json.loads(out)
+    assert result["kind"] == "autoencoder" and result["step"] == 2
+    for key in ("val/token_acc_mu", "val/chunk_acc_mu", "val/token_acc_noise0p3", "val/token_acc_posterior"):
+        assert 0.0 <= result["metrics"][key] <= 1.0
+    assert result["metrics"]["val/chunk_acc_mu"] <= result["metrics"]["val/token_acc_mu"]
+
+
+@pytest.mark.parametrize("fixture, loss_key", [("tiny_calm_run", "val/head_loss"), ("tiny_ar_run", "val/ce")])
+def test_eval_language_models_report_brier(request, fixture, loss_key, capsys):
+    run = request.getfixturevalue(fixture)
+    rc, out, _ = run_cli(capsys, "eval", run.checkpoint, "--json")
+    assert rc == 0
+    metrics = json.loads(out)["metrics"]
+    assert {"val/brier1", "val/brier2", "val/brierlm", loss_key} <= set(metrics)
+    assert torch.isfinite(torch.tensor(metrics[loss_key]))
+    # the two-sample estimates are bounded: each indicator sum lies in [-1, 2]
+    assert -1.0 <= metrics["val/brier1"] <= 2.0
+
+
+def test_eval_missing_checkpoint(tmp_path, capsys):
+    rc, _, err = run_cli(capsys, "eval", tmp_path / "nope.ckpt")
+    assert rc == 2 and "checkpoint not found" in err and "Traceback" not in err
+
+
+def test_eval_rejects_model_overrides(tiny_ar_run, capsys):
+    rc, _, err = run_cli(capsys, "eval", tiny_ar_run.checkpoint, "model.backbone.n_layers=3")
+    assert rc == 2 and "model.backbone.n_layers" in err
+
+
+def _train_variant(capsys, run, *extra):
+    return run_cli(capsys, "train", run.config, *run.overrides, *extra)
+
+
+def test_calm_without_autoencoder_export(tiny_ae_run, tmp_path, capsys):
+    calm = [o.replace("model.kind=autoencoder", "model.kind=calm") for o in tiny_ae_run.overrides]
+    rc, _, err = run_cli(capsys, "train", tiny_ae_run.config, *calm, f"model.autoencoder_path={tmp_path / 'none.pt'}",
+                         "logging.name=calm_noexport")
+    assert rc == 2
+    assert "run `make train-ae` first" in err and err.count("\n") == 1
+
+
+def test_calm_refuses_other_chunk_size(tiny_calm_run, capsys):
+    rc, _, err = _train_variant(capsys, tiny_calm_run, "model.autoencoder.chunk_size=2", "logging.name=calm_k2")
+    assert rc == 2 and "K=4" in err and "chunk_size=2" in err
+
+
+def test_calm_refuses_other_tokenizer(tiny_calm_run, capsys):
+    rc, _, err = _train_variant(capsys, tiny_calm_run, "tokenizer.vocab_size=320", "logging.name=calm_tok")
+    assert rc == 2 and "tokenizer" in err
+
+
+def test_corrupt_export_is_refused(tiny_ae_run, tiny_calm_run, tmp_path, capsys):
+    bad = tmp_path / "ae.pt"
+    bad.write_bytes(tiny_ae_run.export_path.read_bytes()[:-100])
+    (tmp_path / "ae.json").write_text(tiny_ae_run.export_path.with_suffix(".json").read_text())
+    rc, _, err = _train_variant(capsys, tiny_calm_run, f"model.autoencoder_path={bad}", "logging.name=calm_bad")
+    assert rc == 2 and "checksum mismatch" in err
+
+
+def test_resume_continues_the_same_run(tiny_ar_run, capsys):
+    rc, *_ = _train_variant(capsys, tiny_ar_run, "logging.name=resume")
+    assert rc == 0
+    rc, *_ = _train_variant(capsys, tiny_ar_run, "logging.name=resume", "logging.resume=true", "trainer.max_steps=4")
+    assert rc == 0
+    root = tiny_ar_run.runs_dir / "resume"
+    assert sorted(p.name for p in root.iterdir()) == ["version_0"]
+    ckpt = torch.load(root / "version_0" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 4
+    # without resume a new version is created, never overwriting the old one
+    rc, *_ = _train_variant(capsys, tiny_ar_run, "logging.name=resume")
+    assert rc == 0 and (root / "version_1").is_dir()
+
+
+def test_resume_refuses_a_different_model(tiny_ar_run, capsys):
+    rc, *_ = _train_variant(capsys, tiny_ar_run, "logging.name=resume_other")
+    assert rc == 0
+    rc, _, err = _train_variant(capsys, tiny_ar_run, "logging.name=resume_other", "logging.resume=true",
+                                "model.backbone.n_layers=2")
+    assert rc == 2 and "different model.backbone" in err
+
+
+def test_non_finite_loss_stops_with_the_step(tiny_ar_run, capsys):
+    rc, _, err = _train_variant(capsys, tiny_ar_run, "logging.name=nan", "optim.lr=1e30", "optim.grad_clip=0",
+                                "trainer.max_steps=6", "trainer.checkpoint_every_n_steps=1")
+    assert rc == 2
+    assert "non-finite loss" in err and "at step" in err
+
+
+def test_unknown_override_is_one_line(tiny_ar_run, capsys):
+    rc, _, err = _train_variant(capsys, tiny_ar_run, "trainer.max_stepz=3")
+    assert rc == 2 and err.strip() == "error: trainer.max_stepz: unknown config key (override 'trainer.max_stepz=3')"
+
+
+def test_plain_pytorch_packages_import_without_lightning():
+    code = (
+        "import sys\n"
+        "sys.modules['lightning'] = None; sys.modules['omegaconf'] = None\n"
+        "import calm_lightning.models, calm_lightning.metrics, calm_lightning.sampling.temperature\n"
+        "import calm_lightning.sampling.generate\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
