@@ -1,0 +1,123 @@
+"""Training-step throughput of the autoencoder, CALM-energy (K=4) and the token baseline.
+
+Models are built at the default experiment sizes (experiments/ae.yaml, calm_energy.yaml,
+ar_baseline.yaml) with random weights and timed for forward + backward + AdamW step on random
+tokens, in fp32 and, where asked, under bf16 autocast. Reports tokens/s, model FLOP/s (flops.py) and
+the share of a CALM step spent in the energy loss. Appends one record to
+``benchmarks/results/train.json``. Never run it beside other CPU work: figures are wall-clock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from calm_lightning.config.loader import load_config
+from calm_lightning.flops import training_flops_per_token
+from calm_lightning.models.autoencoder import ChunkAutoencoder
+from calm_lightning.models.calm import CALM
+from calm_lightning.models.token_lm import TokenLM
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parent / "results" / "train.json"
+
+
+def build(kind: str, vocab: int):
+    exp = load_config(ROOT / "experiments" / {"autoencoder": "ae.yaml", "calm": "calm_energy.yaml",
+                                              "ar": "ar_baseline.yaml"}[kind]).model
+    from omegaconf import OmegaConf
+
+    exp = OmegaConf.to_object(exp)
+    ae_cfg = exp.autoencoder
+    ae_cfg.vocab_size, ae_cfg.mask_token_id = vocab, 3
+    if kind == "autoencoder":
+        return ChunkAutoencoder(ae_cfg)
+    if kind == "ar":
+        return TokenLM(exp.backbone, vocab)
+    return CALM(exp.backbone, exp.head, ChunkAutoencoder(ae_cfg))
+
+
+def step_fn(kind: str, model, tokens: torch.Tensor):
+    if kind == "autoencoder":
+        return lambda: model(tokens.reshape(-1, model.chunk_size)).loss
+    if kind == "ar":
+        return lambda: model.loss(tokens)
+    return lambda: model.loss(tokens).loss
+
+
+def time_steps(kind, model, tokens, bf16: bool, repeats: int) -> list[float]:
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    loss_fn = step_fn(kind, model, tokens)
+    times = []
+    for i in range(repeats + 1):
+        t = time.perf_counter()
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            loss = loss_fn()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i:  # the first step warms up allocators and oneDNN kernels
+            times.append(time.perf_counter() - t)
+    return times
+
+
+def energy_loss_share(model: CALM, tokens: torch.Tensor, repeats: int) -> dict:
+    """Time of the head loss (forward+backward) alone vs the whole step, same inputs."""
+    B = tokens.shape[0]
+    with torch.no_grad():
+        h = model.hidden_states(tokens)[:, :-1].reshape(-1, model.backbone.cfg.d_model)
+        mu, log_sigma = model.autoencoder.encode(tokens[:, model.chunk_size:].reshape(B, -1, model.chunk_size))
+    mu, log_sigma = mu.reshape(h.shape[0], -1), log_sigma.reshape(h.shape[0], -1)
+    times = []
+    for _ in range(repeats):
+        hh = h.clone().requires_grad_(True)
+        t = time.perf_counter()
+        model.head.loss(hh, mu, log_sigma).mean().backward()
+        times.append(time.perf_counter() - t)
+    return {"head_loss_s_min": min(times), "head_loss_s_median": statistics.median(times)}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--bf16", action="store_true", help="also time bf16 autocast")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    record = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.processor() or platform.machine(),
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "cases": []}
+    for kind in ("autoencoder", "calm", "ar"):
+        model = build(kind, args.vocab)
+        exp = load_config(ROOT / "experiments" / {"autoencoder": "ae.yaml", "calm": "calm_energy.yaml",
+                                                  "ar": "ar_baseline.yaml"}[kind])
+        tokens = torch.randint(4, args.vocab, (exp.data.batch_size, exp.data.block_size))
+        flops = training_flops_per_token(model, seq_len=exp.data.block_size)
+        for bf16 in (False, True) if args.bf16 else (False,):
+            times = time_steps(kind, model, tokens, bf16, args.repeats)
+            med = statistics.median(times)
+            case = {"model": kind, "precision": "bf16-mixed" if bf16 else "32-true", "tokens_per_step": tokens.numel(),
+                    "step_s_min": min(times), "step_s_median": med, "tokens_per_s": tokens.numel() / med,
+                    "model_gflops_per_s": flops * tokens.numel() / med / 1e9}
+            if kind == "calm" and not bf16:
+                case.update(energy_loss_share(model, tokens, args.repeats))
+                case["head_loss_share"] = case["head_loss_s_median"] / med
+            record["cases"].append(case)
+            print(json.dumps(case), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    history = json.loads(args.out.read_text()) if args.out.exists() else []
+    args.out.write_text(json.dumps(history + [record], indent=2) + "\n")
+    return record
+
+
+if __name__ == "__main__":
+    main()

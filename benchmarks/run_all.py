@@ -1,0 +1,53 @@
+"""`make bench`: run every benchmark in turn (never in parallel) and write benchmarks/RESULTS.md.
+
+Each benchmark appends a JSON record to benchmarks/results/<name>.json; RESULTS.md shows the latest
+record of each. Run it on an otherwise idle machine: the figures are wall-clock times.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BENCHMARKS = {"train": ["bench_train.py", "--bf16"], "temperature": ["bench_temperature.py"],
+              "generate": ["bench_generate.py"]}
+
+
+def machine() -> str:
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    import lightning
+    import torch
+
+    return (f"{model}; torch {torch.__version__}, lightning {lightning.__version__}, "
+            f"{torch.get_num_threads()} threads; {time.strftime('%Y-%m-%d %H:%M')}")
+
+
+def main() -> int:
+    only = sys.argv[1:] or list(BENCHMARKS)
+    for name in only:
+        print(f"== {name}", flush=True)
+        subprocess.run([sys.executable, str(HERE / BENCHMARKS[name][0]), *BENCHMARKS[name][1:]], check=True)
+    lines = ["# Benchmark results", "", f"Machine: {machine()}", "",
+             "Latest record of each benchmark (min / median over repetitions; see results/*.json for history).", ""]
+    for name in BENCHMARKS:
+        path = HERE / "results" / f"{name}.json"
+        if not path.exists():
+            continue
+        latest = json.loads(path.read_text())[-1]
+        lines += [f"## {name}", "", "```json", json.dumps(latest, indent=1), "```", ""]
+    (HERE / "RESULTS.md").write_text("\n".join(lines))
+    print(f"wrote {HERE / 'RESULTS.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
