@@ -129,6 +129,9 @@ def train(cfg: DictConfig, *, quiet: bool = False) -> dict[str, Any]:
     trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
     if trainer.global_step > 0 and trainer.state.status.value == "finished":
         trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+        if trainer.global_step % exp.trainer.val_check_interval:
+            # stopped between validations (max_time): the summary and export need current metrics
+            trainer.validate(module, datamodule=dm, verbose=False)
     elapsed = time.perf_counter() - start
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
