@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install prepare train-ae train-lm train-ar compare-heads eval test test-fast lint format bench tensorboard clean
+.PHONY: help install prepare train-ae train-lm train-ar compare-heads compare-k test lint format bench tensorboard clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -32,6 +32,20 @@ train-lm: $(STAMP) ## Train CALM with the energy head (experiments/calm_energy.y
 
 train-ar: $(STAMP) ## Train the token-level Transformer baseline (experiments/ar_baseline.yaml)
 	$(CALM) train experiments/ar_baseline.yaml logging.resume=true $(ARGS)
+
+artifacts/autoencoder.pt: | $(STAMP)
+	$(MAKE) train-ae
+
+compare-heads: $(STAMP) artifacts/autoencoder.pt ## Train CALM with the energy, flow and diffusion heads on one budget, then compare (~35 min on 2 cores)
+	for head in energy flow diffusion; do \
+		$(CALM) train experiments/compare/heads_$$head.yaml logging.resume=true $(ARGS) || exit 1; done
+	$(CALM) compare runs/heads_energy runs/heads_flow runs/heads_diffusion --out runs/compare_heads
+
+compare-k: $(STAMP) ## Train an autoencoder and CALM-energy per K in 1,2,4,8 and the token baseline, then compare (~75 min on 2 cores)
+	for k in 1 2 4 8; do $(CALM) train experiments/compare/ae_k$$k.yaml logging.resume=true $(ARGS) || exit 1; done
+	for k in 1 2 4 8; do $(CALM) train experiments/compare/calm_k$$k.yaml logging.resume=true $(ARGS) || exit 1; done
+	$(CALM) train experiments/compare/k_ar_baseline.yaml logging.resume=true $(ARGS)
+	$(CALM) compare runs/calm_k1 runs/calm_k2 runs/calm_k4 runs/calm_k8 runs/k_ar_baseline --out runs/compare_k
 
 test: $(STAMP) ## Run the test suite (CPU, a few minutes)
 	$(VENV)/bin/pytest tests $(ARGS)

@@ -75,6 +75,29 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from calm_lightning.compare import DEFAULT_DIFFUSION_STEPS, DEFAULT_FLOW_STEPS, compare
+    from calm_lightning.ui import err_console
+
+    result = compare(args.run_dirs, args.out, flow_steps=args.sweep_steps or DEFAULT_FLOW_STEPS,
+                     diffusion_steps=args.diffusion_steps or DEFAULT_DIFFUSION_STEPS,
+                     limit_batches=args.limit_batches, gen_tokens=args.gen_tokens, device=args.device,
+                     progress=lambda msg: err_console.print(msg, style="dim"))
+    print(result.markdown.split("\n## Figures")[0])  # plain text: markdown tables must not be wrapped
+    print("wrote " + ", ".join(str(f) for f in result.files))
+    return 0
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
+    return values
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="calm", description="Continuous Autoregressive Language Models with Lightning.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks for user errors")
@@ -92,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     se = sub.add_parser("eval", help="BrierLM of a CALM/baseline checkpoint, accuracies of an autoencoder")
     se.add_argument("checkpoint", help="a .ckpt file or a run directory (uses its checkpoints/last.ckpt)")
-    se.add_argument("overrides", nargs="*", help="data.* / eval.* overrides, e.g. data.corpus=my.txt")
+    se.add_argument("overrides", nargs="*",
+                    help="data.* / eval.* / head sampling overrides, e.g. data.corpus=my.txt model.head.flow.num_steps=8")
     se.add_argument("--limit-batches", type=int, default=0, help="evaluate at most this many batches (0 = all)")
     se.add_argument("--json", action="store_true", help="print JSON instead of a table")
     se.set_defaults(func=cmd_eval)
@@ -110,6 +134,18 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
     ss.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N or mps")
     ss.set_defaults(func=cmd_sample)
+
+    sc = sub.add_parser("compare", help="compare CALM/baseline runs: markdown table and BrierLM plots")
+    sc.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="runs/<name> (its latest version) or runs/<name>/version_<n>")
+    sc.add_argument("--out", default="runs/compare", help="output folder (default runs/compare)")
+    sc.add_argument("--sweep-steps", type=_int_list, metavar="N,N,...",
+                    help="flow solver steps to evaluate, Euler and midpoint (default 1,2,4,8,16)")
+    sc.add_argument("--diffusion-steps", type=_int_list, metavar="N,N,...",
+                    help="diffusion sampling steps to evaluate (default 10,25,50,100)")
+    sc.add_argument("--limit-batches", type=int, default=0, help="validation batches per sweep evaluation (0 = the run's limit_val_batches)")
+    sc.add_argument("--gen-tokens", type=int, default=32, metavar="N", help="tokens per document for generation tokens/s (0 = skip)")
+    sc.add_argument("--device", default="auto", help="generation device: auto, cpu, cuda, cuda:N or mps")
+    sc.set_defaults(func=cmd_compare)
     return p
 
 

@@ -20,8 +20,12 @@ from calm_lightning.lit.lm_modules import CALMLitModule, TokenLMLitModule
 from calm_lightning.utils.hardware import resolve_precision
 
 MODULES = {"autoencoder": AutoencoderLitModule, "calm": CALMLitModule, "ar": TokenLMLitModule}
+# Sampling-only head settings change no weights (the head is rebuilt from the overridden config).
+HEAD_SAMPLING_KEYS = ("model.head.flow.num_steps", "model.head.flow.solver", "model.head.diffusion.num_steps",
+                      "model.head.diffusion.deterministic")
 EVAL_OVERRIDE_PREFIXES = ("data.", "tokenizer.", "eval.", "trainer.precision", "trainer.threads", "trainer.seed",
-                          "trainer.limit_val_batches", "trainer.accelerator", "trainer.devices")
+                          "trainer.limit_val_batches", "trainer.accelerator", "trainer.devices",
+                          *(f"{k}=" for k in HEAD_SAMPLING_KEYS))
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -50,8 +54,9 @@ def evaluate(checkpoint: str | Path, overrides: list[str] = (), *, limit_batches
         raise CalmError(f"{ckpt}: checkpoint has no stored config; was it written by calm-lightning?")
     for o in overrides:
         if not o.startswith(EVAL_OVERRIDE_PREFIXES):
-            raise CalmError(f"{o.split('=')[0]}: only data.*, tokenizer.*, eval.* and trainer device/precision "
-                            "keys can be overridden at evaluation")
+            raise CalmError(f"{o.split('=')[0]}: only data.*, tokenizer.*, eval.*, trainer device/precision keys "
+                            f"and the head's sampling settings ({', '.join(HEAD_SAMPLING_KEYS)}) can be overridden "
+                            "at evaluation")
     cfg = load_config_from_dict(hparams["config"], overrides)
     exp = OmegaConf.to_object(cfg)
     kind = exp.model.kind

@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from calm_lightning.artifacts import export_autoencoder, load_autoencoder
+from calm_lightning.callbacks.hparams import HParamsSummary
 from calm_lightning.callbacks.reconstruction import ReconstructionExamples, RobustnessCurve
 from calm_lightning.callbacks.throughput import TokensPerSecond
 from calm_lightning.config.schema import ExperimentConfig
@@ -113,6 +114,7 @@ def train(cfg: DictConfig, *, quiet: bool = False) -> dict[str, Any]:
                         every_n_train_steps=exp.trainer.checkpoint_every_n_steps, save_last=True, save_top_k=1),
         LearningRateMonitor(logging_interval="step"),
         throughput,
+        HParamsSummary(config),  # TensorBoard's HParams tab compares runs by their config
     ]
     if not quiet:
         callbacks.append(RichProgressBar(leave=True))

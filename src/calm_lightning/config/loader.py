@@ -15,7 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 from calm_lightning.config.schema import ExperimentConfig, validate
 from calm_lightning.errors import CalmError
 
-BASE_KEY = "base"  # an experiment YAML may name the YAML it extends, relative to itself
+BASE_KEY = "base"  # an experiment YAML may name the YAML (or list of YAMLs) it extends, relative to itself
 
 
 def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> list[dict]:
@@ -37,10 +37,13 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> list[dict]:
     base = data.pop(BASE_KEY, None)
     if base is None:
         return [data]
-    base_path = (path.parent / str(base))
-    if not base_path.is_file():
-        raise CalmError(f"{path}: base config {base!r} not found (looked for {base_path})")
-    return _read_yaml(base_path, chain + (path,)) + [data]
+    layers: list[dict] = []
+    for name in base if isinstance(base, list) else [base]:  # a list of bases merges left to right
+        base_path = (path.parent / str(name))
+        if not base_path.is_file():
+            raise CalmError(f"{path}: base config {name!r} not found (looked for {base_path})")
+        layers += _read_yaml(base_path, chain + (path,))
+    return layers + [data]
 
 
 def _describe(e: OmegaConfBaseException) -> str:
