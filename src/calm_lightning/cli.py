@@ -17,22 +17,16 @@ def _config(args):
 
 
 def cmd_prepare(args) -> int:
-    from calm_lightning.config.schema import ExperimentConfig  # noqa: F401 - typed view below
+    from omegaconf import OmegaConf
+
     from calm_lightning.data.prepare import check_min_tokens, prepare_data, summary
     from calm_lightning.ui import print_table
 
-    cfg = _config(args)
-    exp = cfg_obj(cfg)
+    exp = OmegaConf.to_object(_config(args))
     prepared = prepare_data(exp.data, exp.tokenizer)
     check_min_tokens(prepared.meta, exp.data.block_size)
     print_table("Prepared corpus", summary(prepared))
     return 0
-
-
-def cfg_obj(cfg):
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_object(cfg)
 
 
 def cmd_train(args) -> int:

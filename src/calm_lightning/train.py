@@ -23,7 +23,6 @@ from calm_lightning.callbacks.reconstruction import ReconstructionExamples, Robu
 from calm_lightning.callbacks.throughput import TokensPerSecond
 from calm_lightning.config.schema import ExperimentConfig
 from calm_lightning.data.datamodule import TokenChunkDataModule
-from calm_lightning.errors import CalmError
 from calm_lightning.flops import training_flops_per_token
 from calm_lightning.lit.autoencoder_module import AutoencoderLitModule
 from calm_lightning.lit.checkpoint_io import AtomicCheckpointIO

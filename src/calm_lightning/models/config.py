@@ -7,7 +7,6 @@ experiment schema (`calm_lightning.config.schema`) nests them, and omegaconf val
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 
 @dataclass
@@ -25,7 +24,7 @@ class AutoencoderConfig:
     kl_clip: float = 0.5  # lambda: per-dimension KL floor ("free bits")
     latent_dropout: float = 0.15  # dropout on the sampled z, training only
     token_mask_prob: float = 0.15  # input token masking rate, training only
-    mask_token_id: Optional[int] = None  # id used for masked inputs; None = the tokenizer's <mask>
+    mask_token_id: int | None = None  # id used for masked inputs; None = the tokenizer's <mask>
     norm_eps: float = 1e-6
 
 
