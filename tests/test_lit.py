@@ -123,3 +123,9 @@ def test_plain_pytorch_packages_import_without_lightning():
         "import calm_lightning.sampling.generate\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.parametrize("override, needle", [("trainer.accelerator=gpu", "trainer:"), ("trainer.strategy=nonsense", "trainer:")])
+def test_trainer_misconfiguration_is_one_line(tiny_ar_run, capsys, override, needle):
+    rc, _, err = _train_variant(capsys, tiny_ar_run, "logging.name=misconf", override)
+    assert rc == 2 and needle in err and "Traceback" not in err

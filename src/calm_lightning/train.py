@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
@@ -23,6 +24,7 @@ from calm_lightning.callbacks.reconstruction import ReconstructionExamples, Robu
 from calm_lightning.callbacks.throughput import TokensPerSecond
 from calm_lightning.config.schema import ExperimentConfig
 from calm_lightning.data.datamodule import TokenChunkDataModule
+from calm_lightning.errors import CalmError
 from calm_lightning.flops import training_flops_per_token
 from calm_lightning.lit.autoencoder_module import AutoencoderLitModule
 from calm_lightning.lit.checkpoint_io import AtomicCheckpointIO
@@ -59,6 +61,14 @@ def build_module(exp: ExperimentConfig, config: dict[str, Any], dm: TokenChunkDa
 def _trainer(exp: ExperimentConfig, logger: TensorBoardLogger, callbacks: list[L.Callback], quiet: bool) -> L.Trainer:
     t = exp.trainer
     devices: int | str = "auto" if t.devices == "auto" else int(t.devices)
+    try:
+        return _make_trainer(exp, logger, callbacks, quiet, devices)
+    except (MisconfigurationException, ValueError) as e:  # e.g. more devices than available, unknown strategy
+        raise CalmError(f"trainer: {str(e).splitlines()[0]}") from None
+
+
+def _make_trainer(exp: ExperimentConfig, logger, callbacks, quiet: bool, devices: int | str) -> L.Trainer:
+    t = exp.trainer
     return L.Trainer(
         accelerator=t.accelerator,
         devices=devices,
