@@ -3,7 +3,7 @@
 Models are built at the default experiment sizes (experiments/ae.yaml, calm_energy.yaml,
 ar_baseline.yaml) with random weights and timed for forward + backward + AdamW step on random
 tokens, in fp32 and, where asked, under bf16 autocast. Reports tokens/s, model FLOP/s (flops.py) and
-the share of a CALM step spent in the energy loss. Appends one record to
+the share of a CALM step spent in the head (network + loss) and in the energy loss alone. Appends one record to
 ``benchmarks/results/train.json``. Never run it beside other CPU work: figures are wall-clock.
 """
 
@@ -22,6 +22,7 @@ from calm_lightning.config.loader import load_config
 from calm_lightning.flops import training_flops_per_token
 from calm_lightning.models.autoencoder import ChunkAutoencoder
 from calm_lightning.models.calm import CALM
+from calm_lightning.models.heads.energy_loss import energy_score_loss
 from calm_lightning.models.token_lm import TokenLM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,13 +75,20 @@ def energy_loss_share(model: CALM, tokens: torch.Tensor, repeats: int) -> dict:
         h = model.hidden_states(tokens)[:, :-1].reshape(-1, model.backbone.cfg.d_model)
         mu, log_sigma = model.autoencoder.encode(tokens[:, model.chunk_size:].reshape(B, -1, model.chunk_size))
     mu, log_sigma = mu.reshape(h.shape[0], -1), log_sigma.reshape(h.shape[0], -1)
-    times = []
+    times, energy = [], []
     for _ in range(repeats):
         hh = h.clone().requires_grad_(True)
         t = time.perf_counter()
         model.head.loss(hh, mu, log_sigma).mean().backward()
         times.append(time.perf_counter() - t)
-    return {"head_loss_s_min": min(times), "head_loss_s_median": statistics.median(times)}
+        # the energy score alone (posterior sampling + distances), on head samples of the same shape
+        x = torch.randn(h.shape[0], model.head_cfg.num_samples, mu.shape[-1], requires_grad=True)
+        t = time.perf_counter()
+        energy_score_loss(x, mu, log_sigma.exp(), model.head_cfg.energy.num_target_samples,
+                          model.head_cfg.energy.alpha).mean().backward()
+        energy.append(time.perf_counter() - t)
+    return {"head_loss_s_min": min(times), "head_loss_s_median": statistics.median(times),
+            "energy_loss_s_min": min(energy), "energy_loss_s_median": statistics.median(energy)}
 
 
 def main(argv=None) -> dict:
@@ -111,6 +119,7 @@ def main(argv=None) -> dict:
             if kind == "calm" and not bf16:
                 case.update(energy_loss_share(model, tokens, args.repeats))
                 case["head_loss_share"] = case["head_loss_s_median"] / med
+                case["energy_loss_share"] = case["energy_loss_s_median"] / med
             record["cases"].append(case)
             print(json.dumps(case), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
