@@ -129,3 +129,15 @@ def test_plain_pytorch_packages_import_without_lightning():
 def test_trainer_misconfiguration_is_one_line(tiny_ar_run, capsys, override, needle):
     rc, _, err = _train_variant(capsys, tiny_ar_run, "logging.name=misconf", override)
     assert rc == 2 and needle in err and "Traceback" not in err
+
+
+def test_rerunning_a_finished_run_revalidates_and_re_exports(tiny_ae_run, tmp_path, capsys):
+    export = tmp_path / "ae.pt"
+    args = ["logging.name=ae_rerun", "logging.resume=true", f"logging.export_path={export}"]
+    rc, *_ = _train_variant(capsys, tiny_ae_run, *args)
+    assert rc == 0
+    export.unlink()
+    rc, out, _ = _train_variant(capsys, tiny_ae_run, *args)  # finished: no training step, same weights
+    assert rc == 0 and "no training step in this session" in out
+    meta = json.loads(export.with_suffix(".json").read_text())
+    assert "val/token_acc_mu" in meta["metrics"]

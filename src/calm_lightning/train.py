@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,8 @@ def _make_trainer(exp: ExperimentConfig, logger, callbacks, quiet: bool, devices
 def train(cfg: DictConfig, *, quiet: bool = False) -> dict[str, Any]:
     """Fit the configured model; returns the final metrics and paths (also printed as a table)."""
     exp: ExperimentConfig = OmegaConf.to_object(cfg)
+    # CALM's autoencoder is frozen in eval mode on purpose; Lightning warns about it at every fit
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     config = OmegaConf.to_container(cfg, resolve=True)
     if exp.trainer.threads > 0:
         torch.set_num_threads(exp.trainer.threads)
@@ -140,8 +143,10 @@ def train(cfg: DictConfig, *, quiet: bool = False) -> dict[str, Any]:
     trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
     if trainer.global_step > 0 and trainer.state.status.value == "finished":
         trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
-        if trainer.global_step % exp.trainer.val_check_interval:
-            # stopped between validations (max_time): the summary and export need current metrics
+        has_val = any(k.startswith("val/") for k in trainer.callback_metrics)
+        if not has_val or trainer.global_step % exp.trainer.val_check_interval:
+            # stopped between validations (max_time), or resumed a finished run: the summary and the
+            # export need metrics of the final weights
             trainer.validate(module, datamodule=dm, verbose=False)
     elapsed = time.perf_counter() - start
 

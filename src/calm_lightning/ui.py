@@ -38,7 +38,8 @@ def print_run_summary(result: dict[str, Any]) -> None:
         ("steps", _fmt(result["global_step"])),
         ("trainable parameters", _fmt(result["parameters"])),
         ("wall time", f"{result['wall_time_s'] / 60:.1f} min"),
-        ("training tokens/s", f"{result['train_tokens_per_s']:.0f}"),
+        ("training tokens/s", f"{result['train_tokens_per_s']:.0f}" if result["train_tokens_per_s"] > 0
+         else "n/a (no training step in this session)"),
     ]
     for k, v in sorted(result["metrics"].items()):
         if not k.startswith("val/"):
