@@ -309,7 +309,7 @@ def runs_table(runs: Sequence[RunRecord]) -> str:
         "train FLOPs",
         "gen tokens/s",
     ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for r in runs:
         cells = [
             r.label,
@@ -325,7 +325,13 @@ def runs_table(runs: Sequence[RunRecord]) -> str:
             _fmt(r.train_flops, ".3g"),
             _fmt(r.gen_tokens_per_s, ",.1f"),
         ]
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append(cells)
+    return _markdown_table(header, rows)
+
+
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
     return "\n".join(lines)
 
 
@@ -339,7 +345,7 @@ def sweep_table(points: Sequence[SweepPoint]) -> str:
         "BrierLM",
         *(f"Brier-{n}" for n in range(1, BRIER_COLUMNS + 1)),
     ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for p in points:
         cells = [
             p.label,
@@ -350,8 +356,8 @@ def sweep_table(points: Sequence[SweepPoint]) -> str:
             _fmt(p.brierlm, ".2f"),
             *(_fmt(p.metrics.get(f"val/brier{n}"), ".4f") for n in range(1, BRIER_COLUMNS + 1)),
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return _markdown_table(header, rows)
 
 
 def _figure(title: str):
