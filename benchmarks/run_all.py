@@ -15,7 +15,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = {"train": ["bench_train.py", "--bf16"], "temperature": ["bench_temperature.py"],
-              "generate": ["bench_generate.py"]}
+              "generate": ["bench_generate.py"], "gpu": ["gpu.py", "--compile"]}  # gpu: skips without CUDA
 
 
 def machine() -> str:
