@@ -3,14 +3,14 @@
 Train: the flat train array cut into non-overlapping blocks of ``block_size`` tokens, starting at an
 offset drawn per epoch from (seed, epoch) within the slack ``n_tokens mod block_size``, visited in a
 permutation drawn from (seed, epoch). So every epoch has the same number of blocks, the block edges
-move between epochs, and a resumed run replays the same order. Validation: the blocks from the
-start of the val array, in order, every time.
+move between epochs, and a resumed run continues the interrupted epoch's order from the next unseen
+block (`ResumableLoader`). Validation: the blocks from the start of the val array, in order, every time.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,12 @@ class EpochShuffleSampler(RandomSampler):
     def __init__(self, dataset: TokenBlocks, seed: int) -> None:
         super().__init__(dataset)
         self.blocks, self.seed = dataset, seed
+        self._resume_at: tuple[int, int] | None = None
         self.set_epoch(0)
+
+    def resume_at(self, epoch: int, start: int) -> None:
+        """Make the next pass over ``epoch`` skip its first ``start`` blocks (a resumed run's data order)."""
+        self._resume_at = (epoch, start)
 
     def set_epoch(self, epoch: int) -> None:
         # Set here, not in __iter__, because DataLoader workers copy the dataset before iterating.
@@ -80,10 +85,36 @@ class EpochShuffleSampler(RandomSampler):
 
     def __iter__(self) -> Iterator[int]:
         perm = np.random.default_rng([self.seed % 2**63, self.epoch, 1]).permutation(len(self.blocks))
+        if self._resume_at is not None:
+            epoch, start = self._resume_at
+            self._resume_at = None
+            if epoch == self.epoch:
+                perm = perm[start:]
         return iter(perm.tolist())
 
     def __len__(self) -> int:
         return len(self.blocks)
+
+
+class ResumableLoader(DataLoader):
+    """A train loader whose position goes into checkpoints, so that a resumed run continues the data order.
+
+    Lightning saves ``state_dict()`` with the loops and, on resume, calls ``load_state_dict`` before
+    iterating. The position is taken from the trainer's count of processed batches (``batches_done``),
+    not from the iterator, which runs ahead of training by the prefetched batches. Under DDP Lightning
+    swaps the sampler for a DistributedSampler; that run restarts the interrupted epoch's order instead.
+    """
+
+    def __init__(self, *args, batches_done: Callable[[], int], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.batches_done = batches_done
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": int(getattr(self.sampler, "epoch", 0)), "batches_done": int(self.batches_done())}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if isinstance(self.sampler, EpochShuffleSampler) and self.batch_size:
+            self.sampler.resume_at(state["epoch"], state["batches_done"] * self.batch_size)
 
 
 class TokenChunkDataModule(L.LightningDataModule):
@@ -134,13 +165,19 @@ class TokenChunkDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         dataset = self._require(self.train_set)
-        return DataLoader(
+        return ResumableLoader(
             dataset,
             batch_size=self.data_cfg.batch_size,
             sampler=EpochShuffleSampler(dataset, self.seed),
             drop_last=True,
             num_workers=self.data_cfg.num_workers,
+            batches_done=self._batches_done,
         )
+
+    def _batches_done(self) -> int:
+        """Train batches processed so far in the current epoch (0 outside a Trainer)."""
+        trainer = getattr(self, "trainer", None)
+        return 0 if trainer is None else trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def val_dataloader(self) -> DataLoader:
         dataset = self._require(self.val_set)
