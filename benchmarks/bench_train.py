@@ -52,18 +52,20 @@ def step_fn(kind: str, model, tokens: torch.Tensor):
     return lambda: model.loss(tokens).loss
 
 
-def time_steps(kind, model, tokens, bf16: bool, repeats: int) -> list[float]:
+def time_steps(kind, model, tokens, bf16: bool, repeats: int, compiled: bool = False) -> list[float]:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     loss_fn = step_fn(kind, model, tokens)
+    if compiled:
+        loss_fn = torch.compile(loss_fn)
     times = []
-    for i in range(repeats + 1):
+    for i in range(repeats + 2 if compiled else repeats + 1):
         t = time.perf_counter()
         with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
             loss = loss_fn()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if i:  # the first step warms up allocators and oneDNN kernels
+        if i >= (2 if compiled else 1):  # warm-up: allocators, oneDNN kernels, compilation
             times.append(time.perf_counter() - t)
     return times
 
@@ -96,6 +98,7 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--bf16", action="store_true", help="also time bf16 autocast")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile-d fp32 steps")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
@@ -110,13 +113,15 @@ def main(argv=None) -> dict:
                                                   "ar": "ar_baseline.yaml"}[kind])
         tokens = torch.randint(4, args.vocab, (exp.data.batch_size, exp.data.block_size))
         flops = training_flops_per_token(model, seq_len=exp.data.block_size)
-        for bf16 in (False, True) if args.bf16 else (False,):
-            times = time_steps(kind, model, tokens, bf16, args.repeats)
+        variants = [(False, False)] + [(True, False)] * args.bf16 + [(False, True)] * args.compile
+        for bf16, compiled in variants:
+            times = time_steps(kind, model, tokens, bf16, args.repeats, compiled)
             med = statistics.median(times)
-            case = {"model": kind, "precision": "bf16-mixed" if bf16 else "32-true", "tokens_per_step": tokens.numel(),
+            case = {"model": kind, "precision": "bf16-mixed" if bf16 else "32-true", "compiled": compiled,
+                    "tokens_per_step": tokens.numel(),
                     "step_s_min": min(times), "step_s_median": med, "tokens_per_s": tokens.numel() / med,
                     "model_gflops_per_s": flops * tokens.numel() / med / 1e9}
-            if kind == "calm" and not bf16:
+            if kind == "calm" and not bf16 and not compiled:
                 case.update(energy_loss_share(model, tokens, args.repeats))
                 case["head_loss_share"] = case["head_loss_s_median"] / med
                 case["energy_loss_share"] = case["energy_loss_s_median"] / med

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = {"train": ["bench_train.py", "--bf16"], "temperature": ["bench_temperature.py"],
+BENCHMARKS = {"train": ["bench_train.py", "--bf16", "--compile"], "brier": ["bench_brier.py"], "temperature": ["bench_temperature.py"],
               "generate": ["bench_generate.py"], "gpu": ["gpu.py", "--compile"]}  # gpu: skips without CUDA
 
 

@@ -1,0 +1,201 @@
+"""BrierLM evaluation speed: the kit's batched branch rollouts vs a straightforward per-position loop.
+
+Run: ``.venv/bin/python benchmarks/bench_brier.py`` (``--quick``: toy sizes, nothing written unless
+``--out``). Models use the default experiment sizes (d=256, 4 layers, vocabulary 2048) with random
+weights, on one evaluation batch of 16 x 256 tokens, Brier-1..4:
+
+- CALM with K = 2 (two chunks per n-gram, so one rollout step per start). A fresh energy head's
+  output layer is zero, so its two samples always agree and no branch can stop early;
+- the token baseline (three rollout steps per start), its output layer scaled up so that its
+  predictions are sharp and the two samples usually agree.
+
+The reference loop is what one writes first: one teacher-forced forward with a KV cache, then for
+every start position a copy of the cache cut at that position, and the branch rolled out one unit at
+a time, batched over the 16 sequences, stopping as soon as every sequence's two samples disagreed.
+Both compute the same two-sample estimator; the benchmark prints their estimates side by side as a
+sanity check (they differ by sampling noise only). Appends a record to ``results/brier.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from calm_lightning.metrics.estimators import calm_rollout_estimate, token_two_sample_estimate
+from calm_lightning.models.autoencoder import ChunkAutoencoder
+from calm_lightning.models.calm import CALM
+from calm_lightning.models.config import AutoencoderConfig, BackboneConfig, HeadConfig
+from calm_lightning.models.token_lm import TokenLM
+
+RESULTS = Path(__file__).resolve().parent / "results" / "brier.json"
+FULL = dict(d_model=256, n_layers=4, n_heads=4, ffn_size=688, vocab=2048, batch=16, block=256, ae_d=256)
+QUICK = dict(d_model=32, n_layers=1, n_heads=2, ffn_size=64, vocab=64, batch=2, block=16, ae_d=16)
+MAX_N = 4
+
+
+def build(kind: str, s: dict):
+    torch.manual_seed(0)
+    backbone = BackboneConfig(
+        n_layers=s["n_layers"],
+        d_model=s["d_model"],
+        n_heads=s["n_heads"],
+        ffn_size=s["ffn_size"],
+        max_seq_len=s["block"],
+    )
+    if kind == "token":
+        model = TokenLM(backbone, s["vocab"])
+        with torch.no_grad():
+            model.lm_head.weight.mul_(40.0)  # sharp predictions: the two samples usually agree
+        return model.eval(), 1
+    ae = ChunkAutoencoder(
+        AutoencoderConfig(
+            vocab_size=s["vocab"],
+            chunk_size=2,
+            latent_size=64,
+            d_model=s["ae_d"],
+            ffn_size=2 * s["ae_d"],
+            mask_token_id=3,
+        )
+    )
+    return CALM(backbone, HeadConfig(name="energy"), ae).eval(), 2
+
+
+def loop_estimate(model, tokens: torch.Tensor, unit: int, generator: torch.Generator):
+    """Two-sample Brier-1..MAX_N sums and counts, one start position at a time (the reference)."""
+    B, T = tokens.shape
+    L, steps = T // unit, math.ceil(MAX_N / unit)
+    is_calm = unit > 1 or isinstance(model, CALM)
+
+    def forward(x, positions, cache):  # -> states [B, t, ...]
+        if is_calm:
+            return model.hidden_states(x, positions=positions, kv_cache=cache)
+        return model(x, positions=positions, kv_cache=cache)
+
+    def draw(state):  # state [B, ...] -> [B, 2, unit]
+        if is_calm:
+            return model.sample_chunks(state, 2, generator=generator).long()
+        probs = torch.softmax(state.float(), dim=-1)
+        return torch.multinomial(probs, 2, replacement=True, generator=generator)[:, :, None]
+
+    cache = model.backbone.new_cache()
+    states = forward(tokens, torch.arange(L), cache)  # [B, L, ...]
+    teacher = torch.zeros(B, L - 1, 2, unit, dtype=torch.long)
+    agree = torch.zeros(B, L - 1, steps * unit, dtype=torch.bool)
+    for j in range(L - 1):
+        branch = cache.clone().crop(j + 1)
+        state = states[:, j]
+        for r in range(min(steps, L - 1 - j)):
+            pair = draw(state)  # [B, 2, unit]
+            if r == 0:
+                teacher[:, j] = pair
+            same = pair[:, 0] == pair[:, 1]  # [B, unit]
+            agree[:, j, r * unit : (r + 1) * unit] = same
+            if not same.all(-1).any() or r + 1 == min(steps, L - 1 - j):
+                break  # every branch has disagreed (collisions are 0 from here), or no step is left
+            state = forward(pair[:, 0], torch.tensor([j + 1 + r]), branch)[:, -1]
+    # n-gram terms: accuracy from the teacher-forced samples, collision from the agreement run
+    targets = tokens[:, unit:].reshape(B, L - 1, unit)
+    sums, counts = torch.zeros(MAX_N, dtype=torch.float64), torch.zeros(MAX_N, dtype=torch.long)
+    collision_run = agree.long().cumprod(-1)  # [B, L-1, steps*unit]
+    for s in range(2):
+        hit = (teacher[:, :, s] == targets).reshape(B, -1)  # per target token
+        for n in range(1, MAX_N + 1):
+            for j in range(L - 1):
+                if (j + 1) * unit + n > T:
+                    continue
+                sums[n - 1] += hit[:, j * unit : j * unit + n].all(-1).sum().item()
+    for n in range(1, MAX_N + 1):
+        for j in range(L - 1):
+            if (j + 1) * unit + n > T:
+                continue
+            sums[n - 1] -= collision_run[:, j, n - 1].sum().item()
+            counts[n - 1] += B
+    return sums, counts
+
+
+def batched_estimate(model, tokens, unit, generator):
+    if isinstance(model, CALM):
+        return calm_rollout_estimate(model, tokens, MAX_N, generator=generator)
+    return token_two_sample_estimate(model, tokens, MAX_N, generator=generator)
+
+
+def time_it(fn, repeats: int) -> tuple[list[float], tuple]:
+    times, out = [], None
+    for rep in range(repeats + 1):  # rep 0 warms up
+        t = time.perf_counter()
+        with torch.no_grad():
+            out = fn(torch.Generator().manual_seed(rep))
+        if rep:
+            times.append(time.perf_counter() - t)
+    return times, out
+
+
+def main() -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    s = QUICK if args.quick else FULL
+    repeats = 2 if args.quick else args.repeats
+    tokens = torch.randint(
+        4, s["vocab"], (s["batch"], s["block"]), generator=torch.Generator().manual_seed(1)
+    )
+    cases = []
+    for kind in ("calm", "token"):
+        model, unit = build(kind, s)
+        batched_t, batched = time_it(lambda g, m=model, u=unit: batched_estimate(m, tokens, u, g), repeats)
+        loop_t, loop = time_it(lambda g, m=model, u=unit: loop_estimate(m, tokens, u, g), repeats)
+        brier = lambda sc: [round(float(a / b), 4) for a, b in zip(*sc)]  # noqa: E731
+        row = {
+            "model": "calm_k2" if kind == "calm" else "token_baseline",
+            "tokens": tokens.numel(),
+            "batched_s_min": min(batched_t),
+            "batched_s_median": statistics.median(batched_t),
+            "loop_s_min": min(loop_t),
+            "loop_s_median": statistics.median(loop_t),
+            "batched_tokens_per_s": tokens.numel() / statistics.median(batched_t),
+            "loop_tokens_per_s": tokens.numel() / statistics.median(loop_t),
+            "speedup_median": statistics.median(loop_t) / statistics.median(batched_t),
+            "brier_batched": brier(batched),
+            "brier_loop": brier(loop),
+        }
+        cases.append(row)
+        print(
+            f"{row['model']:15s} batched {row['batched_s_median'] * 1e3:8.1f} ms  loop {row['loop_s_median'] * 1e3:8.1f} ms"
+            f"  speed-up {row['speedup_median']:5.1f}x  Brier-1..4 {row['brier_batched']} vs {row['brier_loop']}",
+            flush=True,
+        )
+    result = {
+        "benchmark": "brier",
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "quick": args.quick,
+        "sizes": s,
+        "repeats": repeats,
+        "cases": cases,
+    }
+    out = args.out if args.out is not None else (None if args.quick else RESULTS)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        history = json.loads(out.read_text()) if out.exists() else []
+        out.write_text(json.dumps(history + [result], indent=2) + "\n")
+        print(f"appended to {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
