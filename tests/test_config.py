@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from calm_lightning.config.loader import load_config
+from calm_lightning.config.loader import load_config, to_object
 from calm_lightning.errors import CalmError
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
@@ -86,3 +86,22 @@ def test_wrong_type_in_yaml(tmp_path):
     p = write(tmp_path, "bad.yaml", "data:\n  batch_size: many\n")
     with pytest.raises(CalmError, match="data.batch_size"):
         load_config(p)
+
+
+def test_tokens_per_step_sets_accumulation_and_must_divide():
+    from calm_lightning.train import accumulation
+
+    exp = to_object(load_config(None, ["data.batch_size=4", "data.block_size=64", "optim.tokens_per_step=1024",
+                                       "trainer.accelerator=cpu"]))
+    assert accumulation(exp) == 4  # 1024 / (4 x 64 x 1 process)
+    two = to_object(load_config(None, ["data.batch_size=4", "data.block_size=64", "optim.tokens_per_step=1024",
+                                       "trainer.accelerator=cpu", "trainer.devices=2"]))
+    assert accumulation(two) == 2
+    off = to_object(load_config(None, ["optim.accumulate_grad_batches=3"]))
+    assert accumulation(off) == 3  # tokens_per_step=0 leaves the explicit count
+    bad = to_object(load_config(None, ["data.batch_size=3", "data.block_size=64", "optim.tokens_per_step=1000",
+                                       "trainer.accelerator=cpu"]))
+    with pytest.raises(CalmError, match=r"optim.tokens_per_step=1000 is not a multiple of .* = 192"):
+        accumulation(bad)
+    with pytest.raises(CalmError, match="optim.tokens_per_step"):
+        load_config(None, ["optim.tokens_per_step=-1"])

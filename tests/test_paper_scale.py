@@ -22,6 +22,7 @@ from calm_lightning.models.autoencoder import ChunkAutoencoder
 from calm_lightning.models.calm import CALM
 from calm_lightning.models.config import AutoencoderConfig
 from calm_lightning.models.token_lm import TokenLM
+from calm_lightning.train import accumulation
 
 PAPER = Path(__file__).resolve().parents[1] / "experiments" / "paper"
 LLAMA3_VOCAB = 128_256
@@ -77,7 +78,9 @@ def test_paper_recipes():
     for name in [*TRANSFORMERS, *CALMS]:
         exp = experiment(name)
         o, t, d = exp.optim, exp.trainer, exp.data
-        assert d.batch_size * o.accumulate_grad_batches * d.block_size == 2**21, name
+        assert o.tokens_per_step == 2**21 and accumulation(exp) * d.batch_size * d.block_size == 2**21, name
+        eight_gpus = dataclasses.replace(exp, trainer=dataclasses.replace(t, devices="8"))
+        assert accumulation(eight_gpus) == accumulation(exp) // 8, name
         positions = d.block_size // (exp.model.autoencoder.chunk_size if exp.model.kind == "calm" else 1)
         assert positions == exp.model.backbone.max_seq_len == 2048, name
         assert (o.lr, tuple(o.betas), o.weight_decay, o.grad_clip) == (3e-4, (0.9, 0.95), 0.1, 1.0)
@@ -88,7 +91,7 @@ def test_paper_recipes():
             "bf16-mixed",
         )
     ae = experiment("ae")
-    assert ae.data.batch_size * ae.optim.accumulate_grad_batches * ae.data.block_size == 2**19  # 512K
+    assert accumulation(ae) * ae.data.batch_size * ae.data.block_size == 2**19  # 512K
     assert ae.trainer.max_steps == 30_000
 
 

@@ -221,7 +221,8 @@ def load_run(path: str | Path, *, gen_tokens: int = 32, device: str = "auto") ->
         head=exp.model.head.name if kind == "calm" else None,
         chunk_size=loaded.chunk_size,
         step=loaded.step,
-        tokens_per_step=exp.data.batch_size * exp.data.block_size * exp.optim.accumulate_grad_batches * world,
+        tokens_per_step=exp.optim.tokens_per_step
+        or exp.data.batch_size * exp.data.block_size * exp.optim.accumulate_grad_batches * world,
         train_flops_per_token=training_flops_per_token(model, seq_len=exp.data.block_size),
         curves={
             tag: c for tag, c in curves.items() if tag == "val/brierlm" or re.fullmatch(r"val/brier\d+", tag)

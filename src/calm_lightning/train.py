@@ -59,33 +59,77 @@ def build_module(exp: ExperimentConfig, config: dict[str, Any], dm: TokenChunkDa
     return module
 
 
-def _trainer(exp: ExperimentConfig, logger: TensorBoardLogger, callbacks: list[L.Callback], quiet: bool) -> L.Trainer:
+def world_size(exp: ExperimentConfig) -> int:
+    """Processes the Trainer will run: devices per node x nodes ("auto": every visible GPU, else 1)."""
+    t = exp.trainer
+    if t.devices != "auto":
+        per_node = int(t.devices)
+    elif t.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        per_node = torch.cuda.device_count()
+    else:
+        per_node = 1
+    return per_node * t.num_nodes
+
+
+def accumulation(exp: ExperimentConfig) -> int:
+    """Micro-batches per optimizer step: ``optim.tokens_per_step`` spread over the world, if set."""
+    o, d = exp.optim, exp.data
+    if o.tokens_per_step <= 0:
+        return o.accumulate_grad_batches
+    per_micro_step = d.batch_size * d.block_size * world_size(exp)
+    if o.tokens_per_step % per_micro_step:
+        raise CalmError(
+            f"optim.tokens_per_step={o.tokens_per_step} is not a multiple of data.batch_size x data.block_size x "
+            f"processes = {d.batch_size} x {d.block_size} x {world_size(exp)} = {per_micro_step}"
+        )
+    return o.tokens_per_step // per_micro_step
+
+
+def build_strategy(exp: ExperimentConfig, module: L.LightningModule):
+    """``trainer.strategy`` as Lightning takes it; "fsdp" shards each backbone block in its own unit and
+    leaves CALM's frozen autoencoder out of FSDP (replicated, never sharded: it has no gradients or
+    optimizer state to shard, and CALM calls its ``encode``/``decode`` rather than ``forward``)."""
+    if exp.trainer.strategy != "fsdp":
+        return exp.trainer.strategy
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from calm_lightning.models.backbone import Block
+
+    frozen = getattr(module.model, "autoencoder", None)
+    return FSDPStrategy(auto_wrap_policy={Block}, ignored_modules=[frozen] if frozen is not None else None)
+
+
+def _trainer(
+    exp: ExperimentConfig, module: L.LightningModule, logger: TensorBoardLogger, callbacks: list[L.Callback],
+    quiet: bool,
+) -> L.Trainer:
     t = exp.trainer
     devices: int | str = "auto" if t.devices == "auto" else int(t.devices)
     try:
-        return _make_trainer(exp, logger, callbacks, quiet, devices)
+        return _make_trainer(exp, build_strategy(exp, module), logger, callbacks, quiet, devices)
     except (MisconfigurationException, ValueError) as e:  # e.g. more devices than available, unknown strategy
         raise CalmError(f"trainer: {str(e).splitlines()[0]}") from None
 
 
-def _make_trainer(exp: ExperimentConfig, logger, callbacks, quiet: bool, devices: int | str) -> L.Trainer:
+def _make_trainer(exp: ExperimentConfig, strategy, logger, callbacks, quiet: bool, devices: int | str) -> L.Trainer:
     t = exp.trainer
+    accumulate = accumulation(exp)
     return L.Trainer(
         accelerator=t.accelerator,
         devices=devices,
         num_nodes=t.num_nodes,
-        strategy=t.strategy,
+        strategy=strategy,
         precision=resolve_precision(t.precision, t.accelerator),
         max_steps=t.max_steps,
         max_time={"minutes": t.max_time_minutes} if t.max_time_minutes > 0 else None,
         # the schema counts optimizer steps; Lightning counts batches
-        val_check_interval=t.val_check_interval * exp.optim.accumulate_grad_batches,
+        val_check_interval=t.val_check_interval * accumulate,
         check_val_every_n_epoch=None,
         limit_val_batches=t.limit_val_batches if t.limit_val_batches > 0 else None,
         num_sanity_val_steps=0,
         log_every_n_steps=t.log_every_n_steps,
         gradient_clip_val=exp.optim.grad_clip if exp.optim.grad_clip > 0 else None,
-        accumulate_grad_batches=exp.optim.accumulate_grad_batches,
+        accumulate_grad_batches=accumulate,
         logger=logger,
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],
@@ -95,8 +139,10 @@ def _make_trainer(exp: ExperimentConfig, logger, callbacks, quiet: bool, devices
     )
 
 
-def train(cfg: DictConfig, *, quiet: bool = False) -> dict[str, Any]:
-    """Fit the configured model; returns the final metrics and paths (also printed as a table)."""
+def train(cfg: DictConfig, *, quiet: bool = False, callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
+    """Fit the configured model; returns the final metrics and paths (also printed as a table).
+
+    ``callbacks`` are added to the kit's own (checkpointing, throughput, samples, ...)."""
     exp: ExperimentConfig = OmegaConf.to_object(cfg)
     # CALM's autoencoder is frozen in eval mode on purpose; Lightning warns about it at every fit
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
@@ -121,7 +167,8 @@ def train(cfg: DictConfig, *, quiet: bool = False) -> dict[str, Any]:
         flops_per_token=training_flops_per_token(module.model, seq_len=exp.data.block_size),
         peak_flops=exp.trainer.peak_flops,
     )
-    callbacks: list[L.Callback] = [
+    callbacks = [
+        *(callbacks or []),
         ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:07d}", auto_insert_metric_name=False,
                         every_n_train_steps=exp.trainer.checkpoint_every_n_steps, save_last=True, save_top_k=1),
         LearningRateMonitor(logging_interval="step"),
@@ -138,7 +185,7 @@ def train(cfg: DictConfig, *, quiet: bool = False) -> dict[str, Any]:
         callbacks.append(TemperatureSamples(dm.tokenizer, exp.sampling, seed=exp.trainer.seed,
                                             eos_id=dm.special_ids.eos, console=not quiet))
 
-    trainer = _trainer(exp, logger, callbacks, quiet)
+    trainer = _trainer(exp, module, logger, callbacks, quiet)
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
     if trainer.global_step > 0 and trainer.state.status.value == "finished":

@@ -60,6 +60,9 @@ class OptimConfig:
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
     grad_clip: float = 1.0  # max gradient norm; 0 disables
     accumulate_grad_batches: int = 1
+    # global batch in tokens; > 0 derives accumulate_grad_batches = tokens_per_step / (batch_size *
+    # block_size * devices * nodes), which must divide exactly (so the recipe holds on any GPU count)
+    tokens_per_step: int = 0
 
 
 @dataclass
@@ -166,6 +169,7 @@ def validate(cfg: ExperimentConfig) -> list[str]:
     errs += _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     errs += _check(o.schedule in SCHEDULES, "optim.schedule", f"must be one of {', '.join(SCHEDULES)}, got {o.schedule!r}")
     errs += _check(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    errs += _check(o.tokens_per_step >= 0, "optim.tokens_per_step", f"must be >= 0 (0 = off), got {o.tokens_per_step}")
     errs += _check(o.accumulate_grad_batches >= 1, "optim.accumulate_grad_batches", f"must be >= 1, got {o.accumulate_grad_batches}")
     t = cfg.trainer
     errs += _check(t.precision in PRECISIONS, "trainer.precision", f"must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
