@@ -96,7 +96,11 @@ def test_head_params_match_modules(name):
     assert numel(head) == once + per_eval
     # the condition branch runs once per position
     net = head if cfg.name == "energy" else head.net
-    assert once == numel(net.cond_proj) + (numel(net.cond_norm) if cfg.name == "energy" else 0)
+    if cfg.name == "energy":  # plus each block's condition half of its fuse input Linear
+        w = net.width
+        assert once == numel(net.cond_proj) + numel(net.cond_norm) + len(net.blocks) * w * w
+    else:
+        assert once == numel(net.cond_proj)
 
 
 @pytest.mark.parametrize("tie", [False, True])

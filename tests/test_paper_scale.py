@@ -140,15 +140,16 @@ def test_calm_inference_flops_reproduce_table1(name):
 
 
 def test_calm_training_flops_vs_table1():
-    """M and L within 5%; XL is +8.6% over the paper under the convention that fits everything else
-    (flops.py's docstring shows why no convention fits all three). Pinned so a change is noticed."""
+    """The kit's energy head shares each block's condition half of its fuse Linear across samples, so
+    it does fewer FLOPs than the paper counted: M -5.4%, L -3.4%, XL +1.5% (flops.py's docstring shows
+    why no convention fits all three; the issue asks 5% of inference only). Pinned so a change is noticed."""
     ratio = {
         name: calm_estimate(experiment(name)).training_total(TRAIN_TOKENS) / paper[2]
         for name, paper in CALMS.items()
     }
-    assert ratio["calm_m"] == pytest.approx(1.0, abs=FLOPS_RTOL)
-    assert ratio["calm_l"] == pytest.approx(1.0, abs=FLOPS_RTOL)
-    assert ratio["calm_xl"] == pytest.approx(1.086, abs=0.005)
+    assert ratio["calm_m"] == pytest.approx(0.946, abs=0.005)
+    assert ratio["calm_l"] == pytest.approx(0.966, abs=0.005)
+    assert ratio["calm_xl"] == pytest.approx(1.015, abs=0.005)
 
 
 def counted_flops(fn) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from calm_lightning.models.config import HeadConfig
 from calm_lightning.models.heads import register_head
@@ -28,9 +29,21 @@ class EnergyBlock(nn.Module):
         self.fuse = nn.Sequential(nn.Linear(2 * width, width), nn.SiLU(), nn.Linear(width, width))
         self.ffn = SwiGLU(width, width)
 
-    def forward(self, e: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """e, c: [B, w] -> [B, w]."""
-        return e + self.ffn(self.fuse(torch.cat([self.norm(e), c], dim=-1)))
+    def condition(self, c: torch.Tensor) -> torch.Tensor:
+        """The condition's share of the fuse's first Linear, W_c c: [..., w] -> [..., w].
+
+        Linear([LN(e), c]) = W_e LN(e) + W_c c + b, and c is the same for all N samples of a position,
+        so W_c c is computed once per position and broadcast (the same weights: checkpoints unchanged).
+        """
+        w = c.shape[-1]
+        return F.linear(c, self.fuse[0].weight[:, w:])
+
+    def forward(self, e: torch.Tensor, c_proj: torch.Tensor) -> torch.Tensor:
+        """e: [..., w]; c_proj: ``condition(c)``, broadcastable to e (e.g. [P, 1, w] for e [P, S, w])."""
+        first, act, second = self.fuse
+        w = e.shape[-1]
+        z = F.linear(self.norm(e), first.weight[:, :w], first.bias) + c_proj
+        return e + self.ffn(second(act(z)))
 
 
 @register_head("energy")
@@ -70,16 +83,18 @@ class EnergyHead(GenerativeHead):
         nn.init.zeros_(self.out_proj.weight)
         nn.init.zeros_(self.out_proj.bias)
 
-    def condition(self, hidden: torch.Tensor, repeats: int = 1) -> torch.Tensor:
-        """c = LN(Linear(h)), once per position, then repeated: hidden [P, D] -> [P*repeats, w]."""
-        c = self.cond_norm(self.cond_proj(hidden.to(self.cond_proj.weight.dtype)))  # [P, w]
-        return c.repeat_interleave(repeats, dim=0)
+    def condition(self, hidden: torch.Tensor) -> list[torch.Tensor]:
+        """Everything that depends on h alone, once per position: hidden [..., D] -> per block W_c c
+        ([..., w] each), with c = LN(Linear(h))."""
+        c = self.cond_norm(self.cond_proj(hidden.to(self.cond_proj.weight.dtype)))  # [..., w]
+        return [block.condition(c) for block in self.blocks]
 
-    def generate(self, cond: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """One network evaluation. cond: [B, w] from ``condition``, noise: [B, noise_size] -> [B, l] float32."""
-        e = self.noise_norm(self.noise_proj(noise.to(self.noise_proj.weight.dtype)))  # [B, w]
-        for block in self.blocks:
-            e = block(e, cond)
+    def generate(self, cond: list[torch.Tensor], noise: torch.Tensor) -> torch.Tensor:
+        """One network evaluation per noise row. cond: ``condition(h)``, each broadcastable against
+        noise's leading dims; noise: [..., noise_size] -> [..., l] float32."""
+        e = self.noise_norm(self.noise_proj(noise.to(self.noise_proj.weight.dtype)))  # [..., w]
+        for block, c_proj in zip(self.blocks, cond):
+            e = block(e, c_proj)
         return self.out_proj(self.out_act(self.out_hidden(self.out_norm(e)))).float()
 
     def forward(self, hidden: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -97,12 +112,12 @@ class EnergyHead(GenerativeHead):
     ) -> torch.Tensor:
         """hidden [P, D] -> [P, S, l]: all P*S samples in one batched pass with independent noise.
 
-        The condition branch runs once per position (then repeated), not once per sample.
+        The condition branch runs once per position (then broadcast), not once per sample.
         """
         P = hidden.shape[0]
-        cond = self.condition(hidden, num_samples)  # [P*S, w]
+        cond = [c.unsqueeze(1) for c in self.condition(hidden)]  # [P, 1, w] each
         noise = self._draw_noise(P * num_samples, hidden.device, generator)  # [P*S, noise_size]
-        return self.generate(cond, noise).view(P, num_samples, self.latent_size)  # [P, S, l]
+        return self.generate(cond, noise.view(P, num_samples, -1))  # [P, S, l]
 
     def loss(self, hidden: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
         """Energy-score loss per position (CALM.md section 2; formula in ``energy_score_loss``).
