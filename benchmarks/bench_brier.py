@@ -19,15 +19,13 @@ sanity check (they differ by sampling noise only). Appends a record to ``results
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
 import statistics
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from records import append_record, record_header
 
 from calm_lightning.metrics.estimators import calm_rollout_estimate, token_two_sample_estimate
 from calm_lightning.models.autoencoder import ChunkAutoencoder
@@ -178,22 +176,13 @@ def main() -> dict:
             flush=True,
         )
     result = {
-        "benchmark": "brier",
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(),
+        **record_header("brier"),
         "quick": args.quick,
         "sizes": s,
         "repeats": repeats,
         "cases": cases,
     }
-    out = args.out if args.out is not None else (None if args.quick else RESULTS)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        history = json.loads(out.read_text()) if out.exists() else []
-        out.write_text(json.dumps(history + [result], indent=2) + "\n")
-        print(f"appended to {out}")
+    append_record(args.out if args.out is not None else (None if args.quick else RESULTS), result)
     return result
 
 

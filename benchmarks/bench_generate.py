@@ -12,14 +12,12 @@ record to ``benchmarks/results/generate.json``. Wall-clock figures depend on the
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from records import append_record, record_header
 from torch import nn
 
 from calm_lightning.models.autoencoder import ChunkAutoencoder
@@ -164,12 +162,8 @@ def main() -> dict:
                     flush=True,
                 )
     result = {
-        "benchmark": "generate",
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        **record_header("generate"),
         "device": str(device),
-        "machine": platform.processor() or platform.machine(),
         "quick": args.quick,
         "chunk_size": K,
         "sizes": {k: list(v) if isinstance(v, tuple) else v for k, v in sizes.items()},
@@ -177,13 +171,7 @@ def main() -> dict:
         "note": args.note,
         "cases": cases,
     }
-    out = args.out if args.out is not None else (None if args.quick else RESULTS)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        history = json.loads(out.read_text()) if out.exists() else []
-        history.append(result)
-        out.write_text(json.dumps(history, indent=2) + "\n")
-        print(f"appended to {out}")
+    append_record(args.out if args.out is not None else (None if args.quick else RESULTS), result)
     return result
 
 

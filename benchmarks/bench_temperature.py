@@ -11,17 +11,15 @@ context, T = 1/n only); it lives here, not in the package.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
 import random
 import statistics
 import time
 from collections import Counter
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from records import append_record, record_header
 
 from calm_lightning.sampling.temperature import (
     batch_temperature_probs,
@@ -199,21 +197,13 @@ def main(argv: list[str] | None = None) -> dict:
         )
 
     result = {
-        "benchmark": "temperature",
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(),
+        **record_header("temperature"),
         "note": args.note,
         "batch": batch,
         "batch_scaling": scaling,
         "exact": exact,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    history = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
-    history.append(result)
-    RESULTS.write_text(json.dumps(history, indent=2) + "\n")
-    print(f"appended to {RESULTS}")
+    append_record(RESULTS, result)
     return result
 
 

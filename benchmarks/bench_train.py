@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from records import append_record
 
 from calm_lightning.config.loader import load_config
 from calm_lightning.flops import training_flops_per_token
@@ -128,8 +129,7 @@ def main(argv=None) -> dict:
             record["cases"].append(case)
             print(json.dumps(case), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    history = json.loads(args.out.read_text()) if args.out.exists() else []
-    args.out.write_text(json.dumps(history + [record], indent=2) + "\n")
+    append_record(args.out, record)
     return record
 
 

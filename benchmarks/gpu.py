@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import platform
 import statistics
 import sys
@@ -25,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from records import append_record
 
 from calm_lightning.config.loader import load_config, to_object
 from calm_lightning.flops import model_flops
@@ -245,10 +245,7 @@ def main(argv=None) -> int:
         del model, tokens
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    history = json.loads(args.out.read_text()) if args.out.exists() else []
-    args.out.write_text(json.dumps(history + [record], indent=2) + "\n")
-    print(f"appended to {args.out}")
+    append_record(args.out, record)
     return 0
 
 
