@@ -88,7 +88,7 @@ def loss_fn(model):
     return (lambda t: model.loss(t).loss) if isinstance(model, CALM) else model.loss
 
 
-def time_training(model, tokens, device, steps: int, compile_: bool) -> dict:
+def time_training(model, tokens, device, steps: int, compile_: bool, bf16: bool = True) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
     fn = loss_fn(model)
@@ -99,7 +99,7 @@ def time_training(model, tokens, device, steps: int, compile_: bool) -> dict:
     for i in range(steps + 2):  # two warm-up steps (allocator, autotuning, compilation)
         sync(device)
         t = time.perf_counter()
-        with torch.autocast(device.type, torch.bfloat16):
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
             loss = fn(tokens)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -151,6 +151,7 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="toy sizes: a smoke run of this script (any device)")
     p.add_argument("--steps", type=int, default=5, help="timed training steps per case (after 2 warm-ups)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile-d training steps")
+    p.add_argument("--fp32", action="store_true", help="also time eager fp32 steps (TF32 matmuls)")
     p.add_argument("--models", default="calm,transformer")
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--gen-repeats", type=int, default=3)
@@ -187,9 +188,10 @@ def main(argv=None) -> int:
         model = model.to(device)
         flops = model_flops(model, seq_len=block)
         tokens = torch.randint(4, vocab - 1, (micro, block), device=device)
-        for compile_ in (False, True) if args.compile else (False,):
+        variants = [(False, True)] + [(False, False)] * args.fp32 + [(True, True)] * args.compile
+        for compile_, bf16 in variants:  # eager bf16, [eager fp32 (TF32 matmuls)], [compiled bf16]
             try:
-                row = time_training(model, tokens, device, args.steps, compile_)
+                row = time_training(model, tokens, device, args.steps, compile_, bf16)
             except Exception as e:  # a failed compile is a result to report, not a crash
                 print(f"{kind} compile={compile_}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
                 record["training"].append({"model": kind, "compile": compile_, "error": str(e)[:300]})
@@ -198,6 +200,7 @@ def main(argv=None) -> int:
             row.update(
                 model=kind,
                 compile=compile_,
+                precision="bf16-mixed" if bf16 else "32-true (TF32)",
                 tokens_per_step=tokens.numel(),
                 tokens_per_s=tps,
                 params_trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -210,7 +213,7 @@ def main(argv=None) -> int:
             )
             record["training"].append(row)
             print(
-                f"{kind:11s} compile={compile_!s:5s} {tps:10,.0f} tok/s  step {row['step_s_median'] * 1e3:7.1f} ms  "
+                f"{kind:11s} compile={compile_!s:5s} {'bf16' if bf16 else 'fp32'} {tps:10,.0f} tok/s  step {row['step_s_median'] * 1e3:7.1f} ms  "
                 f"MFU {row['mfu_measured_peak']:.1%} of measured peak  warm-up {row['warmup_s']:.0f} s  "
                 f"mem {row['peak_mem_gib'] or 0:.1f} GiB",
                 flush=True,
