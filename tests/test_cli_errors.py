@@ -17,8 +17,16 @@ def prepare(tmp_path, capsys, *overrides):
     config = tmp_path / "exp.yaml"
     config.write_text("# test\n")
     capsys.readouterr()
-    rc = main(["prepare", str(config), f"data.cache_dir={tmp_path / 'cache'}", "tokenizer.vocab_size=300",
-               "data.block_size=32", *overrides])
+    rc = main(
+        [
+            "prepare",
+            str(config),
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "tokenizer.vocab_size=300",
+            "data.block_size=32",
+            *overrides,
+        ]
+    )
     _, err = capsys.readouterr()
     return rc, err
 
@@ -58,7 +66,9 @@ def test_empty_corpus(tmp_path, capsys):
 
 def test_corpus_smaller_than_one_validation_block(tmp_path, capsys):
     corpus = write_docs(tmp_path / "small", n=3, words=12)
-    rc, err = prepare(tmp_path, capsys, f"data.corpus={corpus}", "data.block_size=256", "data.val_fraction=0.3")
+    rc, err = prepare(
+        tmp_path, capsys, f"data.corpus={corpus}", "data.block_size=256", "data.val_fraction=0.3"
+    )
     assert_one_line(rc, err, "too small")
 
 
@@ -80,7 +90,9 @@ def test_corrupt_tokenizer_json(tmp_path, capsys):
     corpus = write_docs(tmp_path / "c")
     tok = tmp_path / "tokenizer.json"
     tok.write_text("{ this is not a tokenizer")
-    rc, err = prepare(tmp_path, capsys, f"data.corpus={corpus}", f"tokenizer.path={tok}", "data.val_fraction=0.2")
+    rc, err = prepare(
+        tmp_path, capsys, f"data.corpus={corpus}", f"tokenizer.path={tok}", "data.val_fraction=0.2"
+    )
     assert_one_line(rc, err, "tokenizer.json")
 
 
@@ -109,10 +121,18 @@ def test_cache_dir_that_is_a_file(tmp_path, capsys):
 
 def test_export_load_round_trip_gives_identical_outputs(tmp_path):
     torch.manual_seed(0)
-    model = ChunkAutoencoder(AutoencoderConfig(vocab_size=64, chunk_size=4, latent_size=8, d_model=16, ffn_size=32,
-                                               mask_token_id=3)).eval()
-    path = export_autoencoder(model, tmp_path / "ae.pt", tokenizer_fingerprint="abc", tokenizer_path="tok.json",
-                              metrics={"val/token_acc_mu": 0.5})
+    model = ChunkAutoencoder(
+        AutoencoderConfig(
+            vocab_size=64, chunk_size=4, latent_size=8, d_model=16, ffn_size=32, mask_token_id=3
+        )
+    ).eval()
+    path = export_autoencoder(
+        model,
+        tmp_path / "ae.pt",
+        tokenizer_fingerprint="abc",
+        tokenizer_path="tok.json",
+        metrics={"val/token_acc_mu": 0.5},
+    )
     loaded, meta = load_autoencoder(path, expect_chunk_size=4, expect_latent_size=8, expect_tokenizer="abc")
     tokens = torch.randint(0, 64, (10, 4))
     mu, log_sigma = model.encode(tokens)
@@ -122,12 +142,68 @@ def test_export_load_round_trip_gives_identical_outputs(tmp_path):
     assert meta["chunk_size"] == 4 and meta["latent_size"] == 8 and not loaded.training
 
 
-@pytest.mark.parametrize("kwargs, needle", [({"expect_chunk_size": 2}, "K=4"), ({"expect_latent_size": 16}, "l=8"),
-                                            ({"expect_tokenizer": "zzz"}, "tokenizer")])
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        ({"expect_chunk_size": 2}, "K=4"),
+        ({"expect_latent_size": 16}, "l=8"),
+        ({"expect_tokenizer": "zzz"}, "tokenizer"),
+    ],
+)
 def test_export_mismatch_names_both_values(tmp_path, kwargs, needle):
     from calm_lightning.errors import CalmError
 
-    model = ChunkAutoencoder(AutoencoderConfig(vocab_size=64, chunk_size=4, latent_size=8, d_model=16, ffn_size=32))
-    path = export_autoencoder(model, tmp_path / "ae.pt", tokenizer_fingerprint="abc", tokenizer_path="t", metrics={})
+    model = ChunkAutoencoder(
+        AutoencoderConfig(vocab_size=64, chunk_size=4, latent_size=8, d_model=16, ffn_size=32)
+    )
+    path = export_autoencoder(
+        model, tmp_path / "ae.pt", tokenizer_fingerprint="abc", tokenizer_path="t", metrics={}
+    )
     with pytest.raises(CalmError, match=needle):
         load_autoencoder(path, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "text, where, context",
+    [
+        ("data:\n  block_size: 32\n    batch_size: 2\n", 3, ""),
+        (
+            "data:\n  block_size: 32\n  batch_size: [1, 2\n",
+            4,
+            "(while parsing a flow sequence started at line 3)",
+        ),
+    ],
+)
+def test_yaml_syntax_error_names_file_and_line(tmp_path, capsys, text, where, context):
+    config = tmp_path / "broken.yaml"
+    config.write_text(text)
+    capsys.readouterr()
+    rc = main(["train", str(config)])
+    err = capsys.readouterr().err
+    assert_one_line(rc, err, f"{config}:{where}: YAML syntax error")
+    assert context in err
+
+
+def test_experiment_naming_a_missing_base(tmp_path, capsys):
+    config = tmp_path / "child.yaml"
+    config.write_text("# extends a file that is not there\nbase: nowhere.yaml\n")
+    capsys.readouterr()
+    rc = main(["prepare", str(config)])
+    assert_one_line(rc, capsys.readouterr().err, "base config 'nowhere.yaml' not found")
+
+
+def test_more_devices_than_available(tiny_ar_run, capsys):
+    devices = torch.cuda.device_count() + 1
+    capsys.readouterr()
+    rc = main(
+        [
+            "train",
+            str(tiny_ar_run.config),
+            *tiny_ar_run.overrides,
+            "logging.name=too_many_devices",
+            "trainer.accelerator=cuda",
+            f"trainer.devices={devices}",
+        ]
+    )
+    assert_one_line(rc, capsys.readouterr().err, "trainer: ")
+    assert not (tiny_ar_run.runs_dir / "too_many_devices" / "version_0" / "checkpoints").exists()

@@ -1,13 +1,20 @@
 """The exported autoencoder: the artefact `make train-ae` writes and `make train-lm` reads.
 
-Layout: ``autoencoder.pt`` (config, weights, tokenizer fingerprint, K, l) written atomically, then
-``autoencoder.json`` (the same metadata plus the SHA-256 of the .pt) written last, so a reader that
-finds a valid .json never reads a partial or corrupt .pt.
+Layout: ``autoencoder.pt`` (config, weights, tokenizer fingerprint, K, l) and ``autoencoder.json``
+(the same metadata plus the SHA-256 of the .pt). Both are written in full to temporary siblings and
+fsynced first; then the .pt is renamed into place and the .json right after it. A kill before the
+first rename leaves the previous export intact (plus temporary files the next export removes); only
+a kill between the two renames, microseconds apart, leaves a .pt that its .json does not describe,
+which the checksum then refuses rather than loading. Every load verifies the checksum, so a
+truncated or bit-flipped .pt is never used.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +23,7 @@ import torch
 from calm_lightning.errors import CalmError
 from calm_lightning.models.autoencoder import ChunkAutoencoder
 from calm_lightning.models.config import AutoencoderConfig
-from calm_lightning.utils.io import atomic_torch_save, atomic_write_json, sha256_file
+from calm_lightning.utils.io import atomic_open, remove_temp_files, sha256_file
 
 FORMAT = "calm-autoencoder/1"
 
@@ -26,7 +33,12 @@ def _meta_path(path: Path) -> Path:
 
 
 def export_autoencoder(
-    model: ChunkAutoencoder, path: str | Path, *, tokenizer_fingerprint: str, tokenizer_path: str, metrics: dict[str, float]
+    model: ChunkAutoencoder,
+    path: str | Path,
+    *,
+    tokenizer_fingerprint: str,
+    tokenizer_path: str,
+    metrics: dict[str, float],
 ) -> Path:
     path = Path(path)
     meta = {
@@ -40,8 +52,20 @@ def export_autoencoder(
         "metrics": metrics,
     }
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    atomic_torch_save({**meta, "state_dict": state}, path)
-    atomic_write_json(_meta_path(path), {**meta, "sha256": sha256_file(path)})
+    meta_path = _meta_path(path)
+    for leftover in (path, meta_path):  # temporary files of an export that was killed
+        remove_temp_files(leftover.parent, glob.escape(leftover.name))
+    with atomic_open(meta_path, "w") as meta_file:
+        with atomic_open(path, "wb") as weights_file:
+            torch.save({**meta, "state_dict": state}, weights_file)
+            weights_file.flush()
+            meta_file.write(
+                json.dumps({**meta, "sha256": sha256_file(weights_file.name)}, indent=2, sort_keys=True)
+                + "\n"
+            )
+            meta_file.flush()
+            os.fsync(meta_file.fileno())
+        # the .pt is in place here; the .json follows at once
     return path
 
 
@@ -51,32 +75,47 @@ def read_autoencoder_meta(path: str | Path) -> dict[str, Any]:
     meta_path = _meta_path(path)
     if not path.is_file() or not meta_path.is_file():
         raise CalmError(f"autoencoder export not found at {path}: run `make train-ae` first")
-    import json
-
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError) as e:
-        raise CalmError(f"{meta_path}: unreadable autoencoder metadata ({e}); re-run `make train-ae`") from None
+        raise CalmError(
+            f"{meta_path}: unreadable autoencoder metadata ({e}); re-run `make train-ae`"
+        ) from None
     if meta.get("format") != FORMAT:
-        raise CalmError(f"{meta_path}: not a calm-lightning autoencoder export (format {meta.get('format')!r})")
+        raise CalmError(
+            f"{meta_path}: not a calm-lightning autoencoder export (format {meta.get('format')!r})"
+        )
     if sha256_file(path) != meta.get("sha256"):
-        raise CalmError(f"{path}: checksum mismatch, the export is corrupt or truncated; re-run `make train-ae`")
+        raise CalmError(
+            f"{path}: checksum mismatch, the export is corrupt or truncated; re-run `make train-ae`"
+        )
     return meta
 
 
-def load_autoencoder(path: str | Path, *, expect_chunk_size: int | None = None, expect_latent_size: int | None = None,
-                     expect_tokenizer: str | None = None) -> tuple[ChunkAutoencoder, dict[str, Any]]:
+def load_autoencoder(
+    path: str | Path,
+    *,
+    expect_chunk_size: int | None = None,
+    expect_latent_size: int | None = None,
+    expect_tokenizer: str | None = None,
+) -> tuple[ChunkAutoencoder, dict[str, Any]]:
     """Load an export, refusing a K, l or tokenizer that disagrees with what the caller expects."""
     meta = read_autoencoder_meta(path)
     if expect_chunk_size is not None and meta["chunk_size"] != expect_chunk_size:
-        raise CalmError(f"{path}: autoencoder chunk size K={meta['chunk_size']} but the config has "
-                        f"model.autoencoder.chunk_size={expect_chunk_size}")
+        raise CalmError(
+            f"{path}: autoencoder chunk size K={meta['chunk_size']} but the config has "
+            f"model.autoencoder.chunk_size={expect_chunk_size}"
+        )
     if expect_latent_size is not None and meta["latent_size"] != expect_latent_size:
-        raise CalmError(f"{path}: autoencoder latent size l={meta['latent_size']} but the config has "
-                        f"model.autoencoder.latent_size={expect_latent_size}")
+        raise CalmError(
+            f"{path}: autoencoder latent size l={meta['latent_size']} but the config has "
+            f"model.autoencoder.latent_size={expect_latent_size}"
+        )
     if expect_tokenizer is not None and meta["tokenizer_fingerprint"] != expect_tokenizer:
-        raise CalmError(f"{path}: autoencoder was trained with tokenizer {meta['tokenizer_fingerprint'][:12]} "
-                        f"but the data uses tokenizer {expect_tokenizer[:12]}; retrain it with `make train-ae`")
+        raise CalmError(
+            f"{path}: autoencoder was trained with tokenizer {meta['tokenizer_fingerprint'][:12]} "
+            f"but the data uses tokenizer {expect_tokenizer[:12]}; retrain it with `make train-ae`"
+        )
     blob = torch.load(path, map_location="cpu", weights_only=False)
     model = ChunkAutoencoder(AutoencoderConfig(**meta["config"]))
     model.load_state_dict(blob["state_dict"])

@@ -23,7 +23,8 @@ def cmd_prepare(args) -> int:
     from calm_lightning.ui import print_table
 
     exp = OmegaConf.to_object(_config(args))
-    prepared = prepare_data(exp.data, exp.tokenizer)
+    # the explicit command hashes every shard, however large (train and eval only hash small ones)
+    prepared = prepare_data(exp.data, exp.tokenizer, full_check=True)
     check_min_tokens(prepared.meta, exp.data.block_size)
     print_table("Prepared corpus", summary(prepared))
     return 0
@@ -57,8 +58,13 @@ def cmd_sample(args) -> int:
     from calm_lightning.sampling.generate import GenerationConfig
     from calm_lightning.ui import SampleStream, print_sample_header, print_samples
 
-    gcfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, sampler=args.sampler,
-                            num_candidates=args.num_candidates, max_draws=args.max_draws)
+    gcfg = GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        sampler=args.sampler,
+        num_candidates=args.num_candidates,
+        max_draws=args.max_draws,
+    )
     gcfg.validate()  # before the (slow) load
     prompts = args.prompt or [""]
     loaded = load_for_sampling(args.checkpoint, args.device)
@@ -73,10 +79,16 @@ def cmd_compare(args) -> int:
     from calm_lightning.compare import DEFAULT_DIFFUSION_STEPS, DEFAULT_FLOW_STEPS, compare
     from calm_lightning.ui import err_console
 
-    result = compare(args.run_dirs, args.out, flow_steps=args.sweep_steps or DEFAULT_FLOW_STEPS,
-                     diffusion_steps=args.diffusion_steps or DEFAULT_DIFFUSION_STEPS,
-                     limit_batches=args.limit_batches, gen_tokens=args.gen_tokens, device=args.device,
-                     progress=lambda msg: err_console.print(msg, style="dim"))
+    result = compare(
+        args.run_dirs,
+        args.out,
+        flow_steps=args.sweep_steps or DEFAULT_FLOW_STEPS,
+        diffusion_steps=args.diffusion_steps or DEFAULT_DIFFUSION_STEPS,
+        limit_batches=args.limit_batches,
+        gen_tokens=args.gen_tokens,
+        device=args.device,
+        progress=lambda msg: err_console.print(msg, style="dim"),
+    )
     print(result.markdown.split("\n## Figures")[0])  # plain text: markdown tables must not be wrapped
     print("wrote " + ", ".join(str(f) for f in result.files))
     return 0
@@ -93,11 +105,16 @@ def _int_list(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="calm", description="Continuous Autoregressive Language Models with Lightning.")
+    p = argparse.ArgumentParser(
+        prog="calm", description="Continuous Autoregressive Language Models with Lightning."
+    )
     p.add_argument("--debug", action="store_true", help="show full tracebacks for user errors")
     sub = p.add_subparsers(dest="command", required=True)
 
-    sp = sub.add_parser("prepare", help="fetch the corpus, train/load the tokenizer, write token shards")
+    sp = sub.add_parser(
+        "prepare",
+        help="fetch the corpus, train/load the tokenizer, write token shards (or verify cached ones)",
+    )
     sp.add_argument("config", help="experiment YAML")
     sp.add_argument("overrides", nargs="*", help="key=value overrides")
     sp.set_defaults(func=cmd_prepare)
@@ -109,35 +126,86 @@ def build_parser() -> argparse.ArgumentParser:
 
     se = sub.add_parser("eval", help="BrierLM of a CALM/baseline checkpoint, accuracies of an autoencoder")
     se.add_argument("checkpoint", help="a .ckpt file or a run directory (uses its checkpoints/last.ckpt)")
-    se.add_argument("overrides", nargs="*",
-                    help="data.* / eval.* / head sampling overrides, e.g. data.corpus=my.txt model.head.flow.num_steps=8")
-    se.add_argument("--limit-batches", type=int, default=0, help="evaluate at most this many batches (0 = all)")
+    se.add_argument(
+        "overrides",
+        nargs="*",
+        help="data.* / eval.* / head sampling overrides, e.g. data.corpus=my.txt model.head.flow.num_steps=8",
+    )
+    se.add_argument(
+        "--limit-batches", type=int, default=0, help="evaluate at most this many batches (0 = all)"
+    )
     se.add_argument("--json", action="store_true", help="print JSON instead of a table")
     se.set_defaults(func=cmd_eval)
 
     ss = sub.add_parser("sample", help="continue text prompts with a CALM/baseline checkpoint (streamed)")
     ss.add_argument("checkpoint", help="a .ckpt file or a run directory (uses its checkpoints/last.ckpt)")
-    ss.add_argument("--prompt", action="append", metavar="TEXT",
-                    help="text to continue; repeat for a batch (default: one empty prompt, a document start)")
+    ss.add_argument(
+        "--prompt",
+        action="append",
+        metavar="TEXT",
+        help="text to continue; repeat for a batch (default: one empty prompt, a document start)",
+    )
     ss.add_argument("--temperature", type=float, default=0.5, metavar="T", help="T in (0, 1] (default 0.5)")
-    ss.add_argument("--sampler", choices=("exact", "batch"), default="batch",
-                    help="CALM temperature sampler (default batch)")
-    ss.add_argument("--num-candidates", type=int, default=200, metavar="N", help="N of the batch sampler, >= 1/T (default 200)")
-    ss.add_argument("--max-draws", type=int, default=4096, metavar="N", help="exact sampler: cap on draws per chunk (default 4096)")
-    ss.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens to add per prompt (default 64)")
+    ss.add_argument(
+        "--sampler",
+        choices=("exact", "batch"),
+        default="batch",
+        help="CALM temperature sampler (default batch)",
+    )
+    ss.add_argument(
+        "--num-candidates",
+        type=int,
+        default=200,
+        metavar="N",
+        help="N of the batch sampler, >= 1/T (default 200)",
+    )
+    ss.add_argument(
+        "--max-draws",
+        type=int,
+        default=4096,
+        metavar="N",
+        help="exact sampler: cap on draws per chunk (default 4096)",
+    )
+    ss.add_argument(
+        "--max-new-tokens", type=int, default=64, metavar="N", help="tokens to add per prompt (default 64)"
+    )
     ss.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
     ss.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N or mps")
     ss.set_defaults(func=cmd_sample)
 
     sc = sub.add_parser("compare", help="compare CALM/baseline runs: markdown table and BrierLM plots")
-    sc.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="runs/<name> (its latest version) or runs/<name>/version_<n>")
+    sc.add_argument(
+        "run_dirs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="runs/<name> (its latest version) or runs/<name>/version_<n>",
+    )
     sc.add_argument("--out", default="runs/compare", help="output folder (default runs/compare)")
-    sc.add_argument("--sweep-steps", type=_int_list, metavar="N,N,...",
-                    help="flow solver steps to evaluate, Euler and midpoint (default 1,2,4,8,16)")
-    sc.add_argument("--diffusion-steps", type=_int_list, metavar="N,N,...",
-                    help="diffusion sampling steps to evaluate (default 10,25,50,100)")
-    sc.add_argument("--limit-batches", type=int, default=0, help="validation batches per sweep evaluation (0 = the run's limit_val_batches)")
-    sc.add_argument("--gen-tokens", type=int, default=32, metavar="N", help="tokens per document for generation tokens/s (0 = skip)")
+    sc.add_argument(
+        "--sweep-steps",
+        type=_int_list,
+        metavar="N,N,...",
+        help="flow solver steps to evaluate, Euler and midpoint (default 1,2,4,8,16)",
+    )
+    sc.add_argument(
+        "--diffusion-steps",
+        type=_int_list,
+        metavar="N,N,...",
+        help="diffusion sampling steps to evaluate (default 10,25,50,100)",
+    )
+    sc.add_argument(
+        "--limit-batches",
+        type=int,
+        default=0,
+        help="validation batches per sweep evaluation (0 = the run's limit_val_batches)",
+    )
+    sc.add_argument(
+        "--gen-tokens",
+        type=int,
+        default=32,
+        metavar="N",
+        help="tokens per document for generation tokens/s (0 = skip)",
+    )
     sc.add_argument("--device", default="auto", help="generation device: auto, cpu, cuda, cuda:N or mps")
     sc.set_defaults(func=cmd_compare)
     return p

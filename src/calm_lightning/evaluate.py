@@ -18,14 +18,28 @@ from calm_lightning.errors import CalmError
 from calm_lightning.lit.autoencoder_module import AutoencoderLitModule
 from calm_lightning.lit.lm_modules import CALMLitModule, TokenLMLitModule
 from calm_lightning.utils.hardware import resolve_precision
+from calm_lightning.utils.io import torch_file_problem
 
 MODULES = {"autoencoder": AutoencoderLitModule, "calm": CALMLitModule, "ar": TokenLMLitModule}
 # Sampling-only head settings change no weights (the head is rebuilt from the overridden config).
-HEAD_SAMPLING_KEYS = ("model.head.flow.num_steps", "model.head.flow.solver", "model.head.diffusion.num_steps",
-                      "model.head.diffusion.deterministic")
-EVAL_OVERRIDE_PREFIXES = ("data.", "tokenizer.", "eval.", "trainer.precision", "trainer.threads", "trainer.seed",
-                          "trainer.limit_val_batches", "trainer.accelerator", "trainer.devices",
-                          *(f"{k}=" for k in HEAD_SAMPLING_KEYS))
+HEAD_SAMPLING_KEYS = (
+    "model.head.flow.num_steps",
+    "model.head.flow.solver",
+    "model.head.diffusion.num_steps",
+    "model.head.diffusion.deterministic",
+)
+EVAL_OVERRIDE_PREFIXES = (
+    "data.",
+    "tokenizer.",
+    "eval.",
+    "trainer.precision",
+    "trainer.threads",
+    "trainer.seed",
+    "trainer.limit_val_batches",
+    "trainer.accelerator",
+    "trainer.devices",
+    *(f"{k}=" for k in HEAD_SAMPLING_KEYS),
+)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -38,6 +52,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def load_checkpoint_config(ckpt: Path) -> dict[str, Any]:
+    """The hyperparameters stored in a checkpoint, after checking every CRC-32 of the file (torch.load
+    alone would accept a truncated or bit-flipped checkpoint and use wrong weights)."""
+    problem = torch_file_problem(ckpt)
+    if problem is not None:
+        raise CalmError(
+            f"{ckpt}: corrupt or truncated checkpoint ({problem}); use another checkpoint of the run"
+        )
     try:
         blob = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
         return blob["hyper_parameters"]
@@ -54,9 +75,11 @@ def evaluate(checkpoint: str | Path, overrides: list[str] = (), *, limit_batches
         raise CalmError(f"{ckpt}: checkpoint has no stored config; was it written by calm-lightning?")
     for o in overrides:
         if not o.startswith(EVAL_OVERRIDE_PREFIXES):
-            raise CalmError(f"{o.split('=')[0]}: only data.*, tokenizer.*, eval.*, trainer device/precision keys "
-                            f"and the head's sampling settings ({', '.join(HEAD_SAMPLING_KEYS)}) can be overridden "
-                            "at evaluation")
+            raise CalmError(
+                f"{o.split('=')[0]}: only data.*, tokenizer.*, eval.*, trainer device/precision keys "
+                f"and the head's sampling settings ({', '.join(HEAD_SAMPLING_KEYS)}) can be overridden "
+                "at evaluation"
+            )
     cfg = load_config_from_dict(hparams["config"], overrides)
     exp = OmegaConf.to_object(cfg)
     kind = exp.model.kind
@@ -64,18 +87,28 @@ def evaluate(checkpoint: str | Path, overrides: list[str] = (), *, limit_batches
     dm = build_datamodule(exp, K)
     stored_fp = hparams.get("tokenizer_fingerprint")
     if stored_fp and stored_fp != dm.tokenizer_fingerprint:
-        raise CalmError(f"{ckpt}: trained with tokenizer {stored_fp[:12]} but the data uses "
-                        f"{dm.tokenizer_fingerprint[:12]}; pass the training tokenizer (tokenizer.path=...)")
+        raise CalmError(
+            f"{ckpt}: trained with tokenizer {stored_fp[:12]} but the data uses "
+            f"{dm.tokenizer_fingerprint[:12]}; pass the training tokenizer (tokenizer.path=...)"
+        )
     module = MODULES[kind].load_from_checkpoint(ckpt, map_location="cpu", config=OmegaConf.to_container(cfg))
     limit = limit_batches or exp.trainer.limit_val_batches or None
-    trainer = L.Trainer(accelerator=exp.trainer.accelerator, devices=1, precision=resolve_precision(exp.trainer.precision, exp.trainer.accelerator),
-                        logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=limit)
+    trainer = L.Trainer(
+        accelerator=exp.trainer.accelerator,
+        devices=1,
+        precision=resolve_precision(exp.trainer.precision, exp.trainer.accelerator),
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=limit,
+    )
     L.seed_everything(exp.trainer.seed, verbose=False)
     metrics = trainer.validate(module, datamodule=dm, verbose=False)[0]
     return {
         "checkpoint": str(ckpt),
         "kind": kind,
-        "step": int(torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True).get("global_step", 0)),
+        "step": int(
+            torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True).get("global_step", 0)
+        ),
         "metrics": {k: float(v) for k, v in sorted(metrics.items())},
     }

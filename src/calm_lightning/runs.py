@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from calm_lightning.errors import CalmError
+from calm_lightning.utils.io import torch_file_problem
 
 _VERSION = re.compile(r"^version_(\d+)$")
 
@@ -34,11 +35,19 @@ def resolve_run(runs_dir: str, name: str, resume: bool) -> tuple[int, Path | Non
 
 
 def check_resumable(ckpt: Path, model_section: dict, kind: str) -> None:
-    """Refuse to resume a run whose model differs from the config (a clear message, not a shape error)."""
-    try:
-        blob = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is the same user-facing problem
-        raise CalmError(f"{ckpt}: unreadable checkpoint ({type(e).__name__}); delete it or set logging.resume=false") from None
+    """Refuse to resume from a damaged checkpoint (every CRC-32 checked) or one whose model differs from
+    the config (a clear message, not a shape error)."""
+    problem = torch_file_problem(ckpt)
+    if problem is None:
+        try:
+            blob = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is the same user-facing problem
+            problem = type(e).__name__
+    if problem is not None:
+        raise CalmError(
+            f"{ckpt}: corrupt or truncated checkpoint, cannot resume ({problem}); copy an intact "
+            "step*.ckpt of the same folder over it, or set logging.resume=false"
+        )
     stored = blob.get("hyper_parameters", {}).get("config", {}).get("model", {})
     keys = ("kind", "autoencoder") if kind == "autoencoder" else ("kind", "backbone", "head")
     for key in keys:

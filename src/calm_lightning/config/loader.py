@@ -31,6 +31,10 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> list[dict]:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        context, start = getattr(e, "context", None), getattr(e, "context_mark", None)
+        if context and start is not None and mark is not None and start.line != mark.line:
+            # an unclosed bracket or quote is only noticed lines later; say where it began
+            problem += f" ({context} started at line {start.line + 1})"
         raise CalmError(f"{where}: YAML syntax error: {problem}") from None
     if not isinstance(data, dict):
         raise CalmError(f"{path}: expected a mapping of config keys at the top level")
@@ -39,7 +43,7 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> list[dict]:
         return [data]
     layers: list[dict] = []
     for name in base if isinstance(base, list) else [base]:  # a list of bases merges left to right
-        base_path = (path.parent / str(name))
+        base_path = path.parent / str(name)
         if not base_path.is_file():
             raise CalmError(f"{path}: base config {name!r} not found (looked for {base_path})")
         layers += _read_yaml(base_path, chain + (path,))
@@ -52,12 +56,16 @@ def _describe(e: OmegaConfBaseException) -> str:
     first = msg.splitlines()[0].strip()
     if "not in struct" in first or "Key '" in first and "not in" in first:
         return f"{key}: unknown config key"
-    if "Value '" in first and ("could not be converted" in first or "is not a valid" in first or "Invalid value" in first):
+    if "Value '" in first and (
+        "could not be converted" in first or "is not a valid" in first or "Invalid value" in first
+    ):
         return f"{key}: {first}"
     return f"{key}: {first}" if key else first
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+def load_config(
+    path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> DictConfig:
     """Merge the schema, the YAML chain and the overrides; validate; return a typed DictConfig."""
     return _merge(_read_yaml(Path(path)) if path is not None else [], overrides)
 

