@@ -141,3 +141,22 @@ def test_rerunning_a_finished_run_revalidates_and_re_exports(tiny_ae_run, tmp_pa
     assert rc == 0 and "no training step in this session" in out
     meta = json.loads(export.with_suffix(".json").read_text())
     assert "val/token_acc_mu" in meta["metrics"]
+
+
+def test_weight_decay_groups_by_layer_type():
+    """Linear weights decay; norms, biases and embeddings do not (decided by type, so flattened FSDP
+    views would be grouped the same)."""
+    from torch import nn
+
+    from calm_lightning.lit.optim import parameter_groups
+    from calm_lightning.models.layers import RMSNorm
+
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4), RMSNorm(4), nn.LayerNorm(4))
+    decay, no_decay = parameter_groups(model, 0.1, decay_all=False)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert [id(p) for p in decay["params"]] == [id(model[1].weight)]
+    assert {id(p) for p in no_decay["params"]} == {
+        id(model[0].weight), id(model[1].bias), id(model[2].weight), id(model[3].weight), id(model[3].bias)
+    }
+    (everything,) = parameter_groups(model, 0.1, decay_all=True)
+    assert len(everything["params"]) == 6

@@ -96,7 +96,12 @@ def build_strategy(exp: ExperimentConfig, module: L.LightningModule):
     from calm_lightning.models.backbone import Block
 
     frozen = getattr(module.model, "autoencoder", None)
-    return FSDPStrategy(auto_wrap_policy={Block}, ignored_modules=[frozen] if frozen is not None else None)
+    # use_orig_params: the optimiser's weight-decay groups name the original parameters (lit/optim.py)
+    return FSDPStrategy(
+        auto_wrap_policy={Block},
+        ignored_modules=[frozen] if frozen is not None else None,
+        use_orig_params=True,
+    )
 
 
 def _trainer(

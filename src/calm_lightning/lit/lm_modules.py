@@ -85,6 +85,12 @@ class CALMLitModule(_LanguageModelLitModule):
     def load_autoencoder_weights(self, autoencoder: ChunkAutoencoder) -> None:
         self.model.autoencoder.load_state_dict(autoencoder.state_dict())
 
+    def setup(self, stage: str) -> None:
+        # FSDP leaves the modules it ignores where they are (train.build_strategy ignores the frozen
+        # AE), so put the AE on the compute device here; other strategies move it anyway.
+        if self._trainer is not None:
+            self.model.autoencoder.to(self.trainer.strategy.root_device)
+
 
 class TokenLMLitModule(_LanguageModelLitModule):
     """The token-level Transformer baseline (same backbone, LM head, cross-entropy)."""

@@ -14,14 +14,15 @@ def parameter_groups(model: nn.Module, weight_decay: float, decay_all: bool) -> 
     """Weight decay on matrices of linear layers only, unless ``decay_all``.
 
     Norm gains, biases and embedding tables are excluded by default (the usual GPT/Llama practice):
-    decaying an embedding pulls rare tokens' rows to zero.
+    decaying an embedding pulls rare tokens' rows to zero. Chosen by layer type, not by ``p.ndim``:
+    FSDP (``use_orig_params``) hands the optimiser flattened 1-D views of every parameter.
     """
-    embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
     decay, no_decay = [], []
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        if decay_all or (p.ndim >= 2 and id(p) not in embedding_params):
+        if decay_all or id(p) in linear_weights:
             decay.append(p)
         else:
             no_decay.append(p)
