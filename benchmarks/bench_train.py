@@ -90,8 +90,30 @@ def energy_loss_share(model: CALM, tokens: torch.Tensor, repeats: int) -> dict:
         energy_score_loss(x, mu, log_sigma.exp(), model.head_cfg.energy.num_target_samples,
                           model.head_cfg.energy.alpha).mean().backward()
         energy.append(time.perf_counter() - t)
+    x = torch.randn(h.shape[0], model.head_cfg.num_samples, mu.shape[-1], requires_grad=True)
+    energy_saved = saved_bytes(lambda: energy_score_loss(
+        x, mu, log_sigma.exp(), model.head_cfg.energy.num_target_samples, model.head_cfg.energy.alpha).mean())
+    P, N, M, lat = h.shape[0], model.head_cfg.num_samples, model.head_cfg.energy.num_target_samples, mu.shape[-1]
     return {"head_loss_s_min": min(times), "head_loss_s_median": statistics.median(times),
-            "energy_loss_s_min": min(energy), "energy_loss_s_median": statistics.median(energy)}
+            "energy_loss_s_min": min(energy), "energy_loss_s_median": statistics.median(energy),
+            "energy_loss_saved_mib": energy_saved / 2**20,
+            "step_saved_mib": saved_bytes(lambda: model.loss(tokens).loss) / 2**20,
+            # what a naive [P, N, M, l] difference tensor would take, for comparison
+            "naive_pairwise_intermediate_mib": P * N * M * lat * 4 / 2**20}
+
+
+def saved_bytes(forward) -> int:
+    """Bytes of the tensors autograd keeps for the backward of ``forward()`` (the activation memory a
+    training step holds at its peak; CPU torch has no allocator statistics). Views of one storage count once."""
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(storages.values())
 
 
 def main(argv=None) -> dict:
