@@ -76,11 +76,12 @@ def accumulation(exp: ExperimentConfig) -> int:
     o, d = exp.optim, exp.data
     if o.tokens_per_step <= 0:
         return o.accumulate_grad_batches
-    per_micro_step = d.batch_size * d.block_size * world_size(exp)
+    processes = world_size(exp)
+    per_micro_step = d.batch_size * d.block_size * processes
     if o.tokens_per_step % per_micro_step:
         raise CalmError(
             f"optim.tokens_per_step={o.tokens_per_step} is not a multiple of data.batch_size x data.block_size x "
-            f"processes = {d.batch_size} x {d.block_size} x {world_size(exp)} = {per_micro_step}"
+            f"processes = {d.batch_size} x {d.block_size} x {processes} = {per_micro_step}"
         )
     return o.tokens_per_step // per_micro_step
 

@@ -112,8 +112,7 @@ def prepare_data(
     train_docs, val_docs = split_documents(docs, data_cfg.val_fraction, SPLIT_SEED)
     corpus_dir = cache_root / corpus_key(data_cfg)
 
-    tok_path, tok = _resolve_tokenizer(tok_cfg, train_docs, corpus_dir, quiet)
-    tok_fp = tokenizer_fingerprint(tok_path)
+    tok_path, tok, tok_fp = _resolve_tokenizer(tok_cfg, train_docs, corpus_dir, quiet)
     specials = special_ids(tok)
     vocab = vocab_size(tok)
     shard_dir = corpus_dir / f"shards-{tok_fp[:16]}"
@@ -199,24 +198,24 @@ def _check_writable(cache_root: Path) -> None:
 
 def _resolve_tokenizer(
     tok_cfg: TokenizerConfig, train_docs: list[Document], corpus_dir: Path, quiet: bool
-) -> tuple[Path, Tokenizer]:
+) -> tuple[Path, Tokenizer, str]:
+    """(tokenizer.json path, tokenizer, its fingerprint), training or copying it into the cache if needed."""
     if tok_cfg.path:
         user_path = Path(tok_cfg.path).expanduser()
         tok, changed = with_special_tokens(load_tokenizer(user_path))
         if not changed:
-            return user_path, tok
+            return user_path, tok, tokenizer_fingerprint(user_path)
         # The user's file is never modified: the copy with our specials added lives in the cache.
-        copy = corpus_dir / f"tok-user-{sha256_file(user_path)[:8]}" / "tokenizer.json"
-        if not copy.is_file():
-            save_cached_tokenizer(tok, copy)
-        return copy, load_cached_tokenizer(copy)
-    key = tokenizer_key(corpus_fingerprint(train_docs), tok_cfg.vocab_size, tok_cfg.min_frequency)
-    path = corpus_dir / f"tok-{tok_cfg.vocab_size}-{key[:8]}" / "tokenizer.json"
+        path = corpus_dir / f"tok-user-{sha256_file(user_path)[:8]}" / "tokenizer.json"
+    else:
+        key = tokenizer_key(corpus_fingerprint(train_docs), tok_cfg.vocab_size, tok_cfg.min_frequency)
+        path = corpus_dir / f"tok-{tok_cfg.vocab_size}-{key[:8]}" / "tokenizer.json"
+        if not path.is_file():
+            with _status(quiet, f"training a {tok_cfg.vocab_size}-token BPE tokenizer"):
+                tok = train_tokenizer(train_docs, tok_cfg.vocab_size, tok_cfg.min_frequency)
     if path.is_file():
-        return path, load_cached_tokenizer(path)
-    with _status(quiet, f"training a {tok_cfg.vocab_size}-token BPE tokenizer"):
-        tok = train_tokenizer(train_docs, tok_cfg.vocab_size, tok_cfg.min_frequency)
-    return save_cached_tokenizer(tok, path), tok
+        return path, *load_cached_tokenizer(path)
+    return path, tok, save_cached_tokenizer(tok, path)
 
 
 @contextlib.contextmanager

@@ -67,17 +67,20 @@ def save_tokenizer(tok: Tokenizer, path: str | Path) -> Path:
     return path
 
 
-def save_cached_tokenizer(tok: Tokenizer, path: str | Path) -> Path:
-    """`save_tokenizer` into the data cache, then its checksum file beside it (`load_cached_tokenizer`)."""
+def save_cached_tokenizer(tok: Tokenizer, path: str | Path) -> str:
+    """`save_tokenizer` into the data cache, then its checksum file beside it (`load_cached_tokenizer`).
+    Returns the file's sha256, which is the tokenizer's fingerprint."""
     path = Path(path)
     remove_temp_files(path.parent)  # of a writer killed before
     path = save_tokenizer(tok, path)
-    _write_checksum(path, sha256_file(path))
-    return path
+    digest = sha256_file(path)
+    _write_checksum(path, digest)
+    return digest
 
 
-def load_cached_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a tokenizer of the data cache after checking it against ``tokenizer.sha256``.
+def load_cached_tokenizer(path: str | Path) -> tuple[Tokenizer, str]:
+    """Load a tokenizer of the data cache after checking it against ``tokenizer.sha256``; returns it
+    with the file's sha256 (its fingerprint, so the caller need not hash the file again).
 
     A tokenizer that still parses after a bit flip would give other token ids (and a new fingerprint,
     so new shards) without complaint; the checksum written beside it catches that. A missing checksum
@@ -102,7 +105,7 @@ def load_cached_tokenizer(path: str | Path) -> Tokenizer:
         raise CalmError(f"{e}; delete {path.parent} and prepare again") from None
     if recorded is None:
         _write_checksum(path, digest)
-    return tok
+    return tok, digest
 
 
 def _write_checksum(path: Path, digest: str) -> None:
