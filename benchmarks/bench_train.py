@@ -3,8 +3,14 @@
 Models are built at the default experiment sizes (experiments/ae.yaml, calm_energy.yaml,
 ar_baseline.yaml) with random weights and timed for forward + backward + AdamW step on random
 tokens, in fp32 and, where asked, under bf16 autocast. Reports tokens/s, model FLOP/s (flops.py) and
-the share of a CALM step spent in the head (network + loss) and in the energy loss alone. Appends one record to
-``benchmarks/results/train.json``. Never run it beside other CPU work: figures are wall-clock.
+the share of a CALM step spent in the head (network + loss) and in the energy loss alone.
+
+MFU is the model's FLOP/s (flops.py) over the matmul peak measured here for the same precision (a CPU
+has no datasheet peak). ``calm_vs_ar`` splits the CALM / baseline tokens/s ratio into its two factors:
+the FLOPs-per-token ratio (fixed by the model sizes) times the ratio of their MFUs (the
+implementation), and states the MFU CALM would need for a 3x ratio at the baseline's measured MFU.
+Appends one record to ``benchmarks/results/train.json``. Never run it beside other CPU work:
+figures are wall-clock.
 """
 
 from __future__ import annotations
@@ -102,6 +108,34 @@ def energy_loss_share(model: CALM, tokens: torch.Tensor, repeats: int) -> dict:
             "naive_pairwise_intermediate_mib": P * N * M * lat * 4 / 2**20}
 
 
+def matmul_peak(dtype: torch.dtype, n: int, repeats: int) -> dict:
+    """Square n x n matmul GFLOP/s in ``dtype`` (best and median of ``repeats`` after one warm-up)."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    flops = 2 * n**3
+    return {"n": n, "gflops_best": flops / min(times) / 1e9, "gflops_median": flops / statistics.median(times) / 1e9}
+
+
+def calm_vs_ar(cases: list[dict], target: float = 3.0) -> dict:
+    """The fp32 eager CALM / baseline tokens/s ratio = FLOPs-per-token ratio x MFU ratio."""
+    calm, ar = ({c["model"]: c for c in cases if c["precision"] == "32-true" and not c["compiled"]}[k]
+                for k in ("calm", "ar"))
+    flops_ratio = ar["model_flops_per_token"] / calm["model_flops_per_token"]
+    return {
+        "tokens_per_s_ratio": calm["tokens_per_s"] / ar["tokens_per_s"],
+        "flops_per_token_ratio": flops_ratio,
+        "mfu_ratio": calm["mfu"] / ar["mfu"],
+        "mfu_calm": calm["mfu"],
+        "mfu_ar": ar["mfu"],
+        f"mfu_calm_needed_for_{target:g}x": target / flops_ratio * ar["mfu"],
+    }
+
+
 def saved_bytes(forward) -> int:
     """Bytes of the tensors autograd keeps for the backward of ``forward()`` (the activation memory a
     training step holds at its peak; CPU torch has no allocator statistics). Views of one storage count once."""
@@ -130,6 +164,11 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     record = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.processor() or platform.machine(),
               "torch": torch.__version__, "threads": torch.get_num_threads(), "cases": []}
+    peaks = {"32-true": matmul_peak(torch.float32, 2048, args.repeats + 2)}
+    if args.bf16:
+        peaks["bf16-mixed"] = matmul_peak(torch.bfloat16, 1024, args.repeats + 2)
+    record["matmul_peak"] = peaks
+    print(json.dumps({"matmul_peak": peaks}), flush=True)
     for kind in ("autoencoder", "calm", "ar"):
         model = build(kind, args.vocab)
         exp = load_config(ROOT / "experiments" / {"autoencoder": "ae.yaml", "calm": "calm_energy.yaml",
@@ -143,13 +182,17 @@ def main(argv=None) -> dict:
             case = {"model": kind, "precision": "bf16-mixed" if bf16 else "32-true", "compiled": compiled,
                     "tokens_per_step": tokens.numel(),
                     "step_s_min": min(times), "step_s_median": med, "tokens_per_s": tokens.numel() / med,
+                    "model_flops_per_token": flops,
                     "model_gflops_per_s": flops * tokens.numel() / med / 1e9}
+            case["mfu"] = case["model_gflops_per_s"] / peaks[case["precision"]]["gflops_best"]
             if kind == "calm" and not bf16 and not compiled:
                 case.update(energy_loss_share(model, tokens, args.repeats))
                 case["head_loss_share"] = case["head_loss_s_median"] / med
                 case["energy_loss_share"] = case["energy_loss_s_median"] / med
             record["cases"].append(case)
             print(json.dumps(case), flush=True)
+    record["calm_vs_ar"] = calm_vs_ar(record["cases"])
+    print(json.dumps({"calm_vs_ar": record["calm_vs_ar"]}), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     append_record(args.out, record)
     return record
