@@ -30,6 +30,7 @@ from calm_lightning.flops import training_flops_per_token
 from calm_lightning.lit.autoencoder_module import AutoencoderLitModule
 from calm_lightning.lit.checkpoint_io import AtomicCheckpointIO
 from calm_lightning.lit.lm_modules import CALMLitModule, TokenLMLitModule
+from calm_lightning.lit.sharding import full_model_on_rank_zero
 from calm_lightning.runs import check_resumable, resolve_run
 from calm_lightning.utils.hardware import resolve_precision
 from calm_lightning.utils.io import atomic_write_text
@@ -192,6 +193,7 @@ def train(cfg: DictConfig, *, quiet: bool = False, callbacks: list[L.Callback] |
                                             eos_id=dm.special_ids.eos, console=not quiet))
 
     trainer = _trainer(exp, module, logger, callbacks, quiet)
+    trainable = sum(p.numel() for p in module.model.parameters() if p.requires_grad)  # before any sharding
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
     if trainer.global_step > 0 and trainer.state.status.value == "finished":
@@ -211,11 +213,13 @@ def train(cfg: DictConfig, *, quiet: bool = False, callbacks: list[L.Callback] |
         "wall_time_s": elapsed,
         "train_tokens_per_s": throughput.mean_tokens_per_s,
         "mfu": throughput.mean_mfu,
-        "parameters": sum(p.numel() for p in module.model.parameters() if p.requires_grad),
+        "parameters": trainable,
         "metrics": metrics,
     }
-    if kind == "autoencoder" and exp.logging.export_path and trainer.is_global_zero:
-        export_autoencoder(module.model, exp.logging.export_path, tokenizer_fingerprint=dm.tokenizer_fingerprint,
-                           tokenizer_path=str(dm.tokenizer_path), metrics=metrics)
-        result["export"] = exp.logging.export_path
+    if kind == "autoencoder" and exp.logging.export_path:
+        with full_model_on_rank_zero(trainer, module) as model:  # every rank: the weights may be sharded
+            if model is not None:
+                export_autoencoder(model, exp.logging.export_path, tokenizer_fingerprint=dm.tokenizer_fingerprint,
+                                   tokenizer_path=str(dm.tokenizer_path), metrics=metrics)
+                result["export"] = exp.logging.export_path
     return result

@@ -1,10 +1,15 @@
-"""Train CALM with the real `train()` under DDP and record, per rank, what synchronisation must make equal.
+"""Train CALM with the real `train()` under DDP or FSDP and record, per rank, what synchronisation must
+make equal.
 
-Run by tests/test_distributed.py in a subprocess (DDP inside pytest would make Lightning's launcher
-re-run pytest itself): ``python ddp_probe.py OUT_DIR CONFIG key=value ...``. Lightning re-launches
+Run by tests/test_distributed.py in a subprocess (a distributed run inside pytest would make Lightning's
+launcher re-run pytest itself): ``python ddp_probe.py OUT_DIR CONFIG key=value ...``. Lightning re-launches
 this same command for rank 1. Each rank writes OUT_DIR/rank<r>.json with, per validation: its own
 Brier sums/counts and validation losses before synchronisation, and the values logged after it; at
-the end: a fingerprint of its trainable weights.
+the end: a fingerprint of the weights it holds (under FSDP: its shards).
+
+With ``trainer.strategy=fsdp`` the probe lifts the CPU refusals of Lightning and torch (both allow
+FSDP on accelerators only, by policy: the sharding, gathering and state-dict code is the same) so
+that the kit's FSDP integration runs on two CPU processes over gloo: `lift_cpu_fsdp_refusals`.
 """
 
 from __future__ import annotations
@@ -57,13 +62,51 @@ class SyncProbe(L.Callback):
         flat = torch.cat(params)
         result = {"rank": trainer.global_rank, "world_size": trainer.world_size, "global_step": trainer.global_step,
                   "weights_sum": float(flat.sum()), "weights_abs_sum": float(flat.abs().sum()),
-                  "weights_head": flat[:16].tolist(), "validations": self.records}
+                  "weights_head": flat[:16].tolist(), "local_numel": flat.numel(), "validations": self.records}
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
+
+
+def lift_cpu_fsdp_refusals() -> None:
+    """Three test-only patches, each replacing a CPU refusal by what a GPU run does:
+
+    - Lightning rejects ``FSDPStrategy`` without a CUDA accelerator (checked by exact type, so a
+      subclass passes; ``train.build_strategy`` picks this one up from the module);
+    - torch's FSDP asks for ``device_id`` on an accelerator: CPU is given explicitly;
+    - Lightning gathers full state dicts with ``offload_to_cpu=True``, which on a CPU-resident model
+      clones freed storage (segfault): gathered without the offload, as a GPU run ends up on CPU anyway.
+    """
+    import lightning.pytorch.strategies as strategies
+    import lightning.pytorch.strategies.fsdp as lightning_fsdp
+    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    class CPUFSDPStrategy(strategies.FSDPStrategy):
+        pass
+
+    strategies.FSDPStrategy = CPUFSDPStrategy
+    fsdp_init = FSDP.__init__
+
+    def init(self, *args, device_id=None, **kwargs):
+        fsdp_init(self, *args, device_id=torch.device("cpu") if device_id is None else device_id, **kwargs)
+
+    FSDP.__init__ = init
+
+    def full_state_dict_context(module, world_size, rank0_only=True):
+        return FSDP.state_dict_type(
+            module,
+            StateDictType.FULL_STATE_DICT,
+            FullStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only),
+            FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only),
+        )
+
+    lightning_fsdp._get_full_state_dict_context = full_state_dict_context
 
 
 def main() -> None:
     out, config, overrides = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
     out.mkdir(parents=True, exist_ok=True)
+    if "trainer.strategy=fsdp" in overrides:
+        lift_cpu_fsdp_refusals()
     train(load_config(config, overrides), quiet=True, callbacks=[SyncProbe(out)])
 
 

@@ -6,6 +6,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from calm_lightning.lit.sharding import full_model_on_rank_zero
+
 
 def _tensorboard(trainer: L.Trainer):
     logger = trainer.logger
@@ -30,23 +32,27 @@ class ReconstructionExamples(L.Callback):
     def _piece(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False).replace("|", "\\|").replace("\n", "⏎")
 
-    @rank_zero_only
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        tb = _tensorboard(trainer)
-        if tb is None or self._batch is None or trainer.sanity_checking:
+        # Every rank enters (a sharded model is gathered collectively); rank zero decodes and logs.
+        if trainer.logger is None or self._batch is None or trainer.sanity_checking:
             return
-        K = pl_module.chunk_size
+        with full_model_on_rank_zero(trainer, pl_module) as model:
+            if model is not None and _tensorboard(trainer) is not None:
+                self._log_examples(trainer, model)
+
+    def _log_examples(self, trainer, model) -> None:
+        K = model.chunk_size
         rows = ["| original | decoded (z = mu) | token errors |", "|---|---|---|"]
         with torch.no_grad():
             chunks = self._batch[:, : 8 * K].reshape(-1, K)  # first 8 chunks of each example
-            mu, _ = pl_module.model.encode(chunks)
-            decoded = pl_module.model.decode(mu).reshape(self._batch.shape[0], -1)
+            mu, _ = model.encode(chunks)
+            decoded = model.decode(mu).reshape(self._batch.shape[0], -1)
         original = self._batch[:, : decoded.shape[1]]
         for orig, dec in zip(original.tolist(), decoded.tolist()):
             parts = [self._piece([d]) if d == o else f"~~{self._piece([d])}~~" for o, d in zip(orig, dec)]
             errors = sum(o != d for o, d in zip(orig, dec))
             rows.append(f"| {self._piece(orig)} | {''.join(parts)} | {errors}/{len(orig)} |")
-        tb.add_text("reconstruction/examples", "\n".join(rows), global_step=trainer.global_step)
+        _tensorboard(trainer).add_text("reconstruction/examples", "\n".join(rows), global_step=trainer.global_step)
 
 
 class RobustnessCurve(L.Callback):

@@ -1,7 +1,8 @@
 """`TemperatureSamples`: text continuations of fixed prompts at several temperatures after validation.
 
 One markdown table per logging step in TensorBoard text (``samples/text``) and the same rows as a
-rich table in a panel on the console; rank zero only; seeded, so the same checkpoint gives the same
+rich table in a panel on the console; generated on rank zero only (under FSDP all ranks first gather the
+full weights for it: `lit.sharding`); seeded, so the same checkpoint gives the same
 samples; bounded in time. A sampling setting the model cannot honour (e.g. prompts longer than its
 context) leaves a note instead of samples; it never stops training.
 """
@@ -12,10 +13,10 @@ import time
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_only
 
 from calm_lightning.config.schema import SamplingConfig
 from calm_lightning.errors import CalmError
+from calm_lightning.lit.sharding import full_model_on_rank_zero
 from calm_lightning.sampling.generate import GenerationConfig, generate
 
 
@@ -31,14 +32,18 @@ class TemperatureSamples(L.Callback):
     def _escape(self, text: str) -> str:
         return text.replace("|", "\\|").replace("\n", " ⏎ ")
 
-    @rank_zero_only
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Runs on every rank (the same decisions everywhere): a sharded model is gathered collectively.
         if trainer.sanity_checking or not self.cfg.prompts or not self.cfg.temperatures:
             return
         self._validations += 1
         if (self._validations - 1) % max(1, self.cfg.every_n_validations):
             return
-        model = pl_module.model
+        with full_model_on_rank_zero(trainer, pl_module) as model:
+            if model is not None:
+                self._sample(trainer, pl_module, model)
+
+    def _sample(self, trainer: L.Trainer, pl_module: L.LightningModule, model: torch.nn.Module) -> None:
         was_training = model.training
         model.eval()
         prompts = [self.tokenizer.encode(p).ids for p in self.cfg.prompts]

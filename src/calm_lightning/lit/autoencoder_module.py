@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from calm_lightning.lit.common import check_finite, experiment_from_dict
+from calm_lightning.lit.common import ShardedGradientClipping, check_finite, experiment_from_dict
 from calm_lightning.lit.optim import build_optimizer
 from calm_lightning.metrics.reconstruction import ReconstructionAccuracy
 from calm_lightning.models.autoencoder import ChunkAutoencoder
@@ -19,7 +19,7 @@ def _sigma_key(sigma: float) -> str:
     return f"noise{sigma:g}".replace(".", "p")
 
 
-class AutoencoderLitModule(L.LightningModule):
+class AutoencoderLitModule(ShardedGradientClipping, L.LightningModule):
     """Trains `ChunkAutoencoder` on the K-token chunks of each [B, T] block.
 
     Validation decodes z = mu, z ~ posterior, and z = mu + N(0, s^2) for each robustness sigma s,
@@ -30,14 +30,18 @@ class AutoencoderLitModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.cfg = experiment_from_dict(config)
-        ae_cfg = dataclasses.replace(self.cfg.model.autoencoder, vocab_size=vocab_size)
-        if ae_cfg.mask_token_id is None:
-            ae_cfg.mask_token_id = mask_token_id
-        self.model = ChunkAutoencoder(ae_cfg)
+        self.model = self.build_model()
         self.noise_sigmas = list(self.cfg.eval.noise_sigmas)
         conditions = ["mu", "posterior"] + [_sigma_key(s) for s in self.noise_sigmas]
         self.val_acc = nn.ModuleDict({c: ReconstructionAccuracy() for c in conditions})
         self.last_val: dict[str, float] = {}
+
+    def build_model(self) -> ChunkAutoencoder:
+        """A fresh autoencoder of this module's architecture (random weights)."""
+        ae_cfg = dataclasses.replace(self.cfg.model.autoencoder, vocab_size=self.hparams.vocab_size)
+        if ae_cfg.mask_token_id is None:
+            ae_cfg.mask_token_id = self.hparams.mask_token_id
+        return ChunkAutoencoder(ae_cfg)
 
     @property
     def chunk_size(self) -> int:

@@ -1,4 +1,5 @@
-"""Pieces shared by the LightningModules: config round trip and the non-finite-loss policy."""
+"""Pieces shared by the LightningModules: config round trip, the non-finite-loss policy and gradient
+clipping that also holds under FSDP."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from typing import Any
 
 import torch
 from omegaconf import OmegaConf
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 from calm_lightning.config.schema import ExperimentConfig
 from calm_lightning.errors import CalmError
@@ -31,3 +33,20 @@ def check_finite(loss: torch.Tensor, step: int, policy: str) -> bool:
             "(set trainer.nan_policy=skip to skip such steps instead)"
         )
     return False
+
+
+class ShardedGradientClipping:
+    """Mixin for LightningModules: clip by the global gradient norm under FSDP too.
+
+    Lightning's FSDP precision plugin refuses ``gradient_clip_algorithm="norm"``: each rank holds only
+    shards of the gradients, so ``torch.nn.utils.clip_grad_norm_`` would take a per-rank norm. The
+    root FSDP module's ``clip_grad_norm_`` all-reduces the shards' norms first; other strategies keep
+    Lightning's clipping.
+    """
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        root = self.trainer.model
+        if gradient_clip_val and isinstance(root, FullyShardedDataParallel) and gradient_clip_algorithm != "value":
+            root.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)

@@ -12,7 +12,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from calm_lightning.lit.common import check_finite, experiment_from_dict
+from calm_lightning.lit.common import ShardedGradientClipping, check_finite, experiment_from_dict
 from calm_lightning.lit.optim import build_optimizer
 from calm_lightning.metrics.brier import BrierLM
 from calm_lightning.metrics.estimators import estimate_brier
@@ -22,7 +22,7 @@ from calm_lightning.models.config import AutoencoderConfig
 from calm_lightning.models.token_lm import TokenLM
 
 
-class _LanguageModelLitModule(L.LightningModule):
+class _LanguageModelLitModule(ShardedGradientClipping, L.LightningModule):
     """Shared training/validation loop; subclasses build ``self.model`` and say how to get a loss."""
 
     model: torch.nn.Module
@@ -31,6 +31,10 @@ class _LanguageModelLitModule(L.LightningModule):
         super().__init__()
         self.cfg = experiment_from_dict(config)
         self.brier = BrierLM(max_n=self.cfg.eval.brier_max_n)
+
+    def build_model(self) -> torch.nn.Module:
+        """A fresh network of this module's architecture (random weights)."""
+        raise NotImplementedError
 
     def compute_loss(self, tokens: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -72,8 +76,11 @@ class CALMLitModule(_LanguageModelLitModule):
     def __init__(self, config: dict[str, Any], autoencoder_config: dict[str, Any], tokenizer_fingerprint: str = ""):
         super().__init__(config)
         self.save_hyperparameters()
-        autoencoder = ChunkAutoencoder(AutoencoderConfig(**autoencoder_config))
-        self.model = CALM(self.cfg.model.backbone, self.cfg.model.head, autoencoder)
+        self.model = self.build_model()
+
+    def build_model(self) -> CALM:
+        autoencoder = ChunkAutoencoder(AutoencoderConfig(**self.hparams.autoencoder_config))
+        return CALM(self.cfg.model.backbone, self.cfg.model.head, autoencoder)
 
     def compute_loss(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.loss(tokens).loss
@@ -98,7 +105,10 @@ class TokenLMLitModule(_LanguageModelLitModule):
     def __init__(self, config: dict[str, Any], vocab_size: int, tokenizer_fingerprint: str = ""):
         super().__init__(config)
         self.save_hyperparameters()
-        self.model = TokenLM(self.cfg.model.backbone, vocab_size, tie_embeddings=self.cfg.model.tie_embeddings)
+        self.model = self.build_model()
+
+    def build_model(self) -> TokenLM:
+        return TokenLM(self.cfg.model.backbone, self.hparams.vocab_size, tie_embeddings=self.cfg.model.tie_embeddings)
 
     def compute_loss(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.loss(tokens)
