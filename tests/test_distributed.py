@@ -147,3 +147,26 @@ def test_fsdp_run_samples_during_training_and_from_its_checkpoint(fsdp_run, caps
     out, err = capsys.readouterr()
     assert rc == 0, err
     assert out.strip()
+
+
+def test_fsdp_autoencoder_run_exports_its_gathered_weights(tiny_ae_run, tmp_path):
+    """Under FSDP the export and the reconstruction callback see the full weights, not rank zero's shards."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    export = tmp_path / "ae_fsdp.pt"
+    overrides = [o for o in tiny_ae_run.overrides if not o.startswith(("logging.name=", "logging.export_path="))]
+    overrides += ["logging.name=ae_fsdp", f"logging.export_path={export}", "trainer.devices=2",
+                  "trainer.strategy=fsdp"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(PROBE.parent / "fsdp_cli.py"), "--debug", "train",
+                           str(tiny_ae_run.config), *overrides], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tiny_ae_run.runs_dir / "ae_fsdp" / "version_0"
+    exported = load_autoencoder(export)[0].state_dict()
+    final = checkpoint_weights(DistributedRun([], run_dir))
+    assert exported.keys() == final.keys()
+    for name, value in final.items():
+        assert torch.equal(exported[name], value), name
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    assert [t.step for t in acc.Tensors("reconstruction/examples/text_summary")] == [2]
