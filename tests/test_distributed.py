@@ -170,3 +170,28 @@ def test_fsdp_autoencoder_run_exports_its_gathered_weights(tiny_ae_run, tmp_path
     acc = EventAccumulator(str(run_dir))
     acc.Reload()
     assert [t.step for t in acc.Tensors("reconstruction/examples/text_summary")] == [2]
+
+
+def test_fsdp_with_bf16_parameters_and_activation_checkpointing(tiny_calm_run, tiny_ae_run, capsys):
+    """tests/test_gpu.py's combination on CPU: FSDP's bf16 mixed precision (parameters cast to bf16 for
+    compute; Lightning turns autocast off without CUDA) around the fp32 autoencoder, and activation
+    checkpointing inside the sharded blocks."""
+    overrides = [*tiny_calm_run.overrides, f"model.autoencoder_path={tiny_ae_run.export_path}",
+                 "logging.name=fsdp_bf16", "trainer.devices=2", "trainer.strategy=fsdp",
+                 "trainer.precision=bf16-mixed", "model.backbone.activation_checkpointing=true",
+                 "trainer.max_steps=4", "trainer.checkpoint_every_n_steps=4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(PROBE.parent / "fsdp_cli.py"), "--debug", "train",
+                           str(tiny_calm_run.config), *overrides], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = DistributedRun([], tiny_calm_run.runs_dir / "fsdp_bf16" / "version_0")
+    assert checkpoint(run)["global_step"] == 4
+    weights = checkpoint_weights(run)
+    trained = [k for k in weights if k.startswith("backbone.")]
+    assert trained and all(weights[k].dtype == torch.float32 and torch.isfinite(weights[k]).all() for k in trained)
+    exported = load_autoencoder(tiny_ae_run.export_path)[0].state_dict()
+    assert all(torch.equal(weights[f"autoencoder.{k}"], v) for k, v in exported.items())
+    capsys.readouterr()
+    assert main(["eval", str(run.run_dir), "--limit-batches", "1", "--json"]) == 0
+    assert "brierlm" in capsys.readouterr().out
