@@ -50,8 +50,8 @@ def fsdp_run(tiny_calm_run, tiny_ae_run, tmp_path_factory) -> DistributedRun:
 
 
 @pytest.fixture(params=["ddp", "fsdp"])
-def any_run(request) -> list[dict]:
-    return request.getfixturevalue(f"{request.param}_run").ranks
+def any_run(request) -> DistributedRun:
+    return request.getfixturevalue(f"{request.param}_run")
 
 
 def checkpoint(run: DistributedRun) -> dict:
@@ -63,10 +63,17 @@ def checkpoint_weights(run: DistributedRun) -> dict[str, torch.Tensor]:
 
 
 def test_both_ranks_trained_the_same_steps(any_run):
-    r0, r1 = any_run
+    r0, r1 = any_run.ranks
     assert r0["world_size"] == r1["world_size"] == 2
     assert r0["global_step"] == r1["global_step"] == 4
     assert len(r0["validations"]) == len(r1["validations"]) == 2
+
+
+def test_all_ranks_share_one_run_directory(any_run):
+    """Rank zero picks the version and the rank Lightning launches inherits it (runs.shared_run): one
+    version folder, not one per rank."""
+    assert sorted(p.name for p in any_run.run_dir.parent.iterdir()) == ["version_0"]
+    assert (any_run.run_dir / "config.yaml").is_file()
 
 
 def test_weights_stay_identical_across_ranks(ddp_run):
@@ -77,7 +84,7 @@ def test_weights_stay_identical_across_ranks(ddp_run):
 
 
 def test_brierlm_is_computed_from_both_ranks_states(any_run):
-    r0, r1 = any_run
+    r0, r1 = any_run.ranks
     for v0, v1 in zip(r0["validations"], r1["validations"]):
         s0, s1 = torch.tensor(v0["local"]["sums"]), torch.tensor(v1["local"]["sums"])
         c0, c1 = torch.tensor(v0["local"]["counts"]), torch.tensor(v1["local"]["counts"])
@@ -93,7 +100,7 @@ def test_brierlm_is_computed_from_both_ranks_states(any_run):
 
 
 def test_validation_loss_is_averaged_over_ranks(any_run):
-    r0, r1 = any_run
+    r0, r1 = any_run.ranks
     for v0, v1 in zip(r0["validations"], r1["validations"]):
         mean0 = sum(v0["local"]["losses"]) / len(v0["local"]["losses"])
         mean1 = sum(v1["local"]["losses"]) / len(v1["local"]["losses"])
@@ -195,3 +202,22 @@ def test_fsdp_with_bf16_parameters_and_activation_checkpointing(tiny_calm_run, t
     capsys.readouterr()
     assert main(["eval", str(run.run_dir), "--limit-batches", "1", "--json"]) == 0
     assert "brierlm" in capsys.readouterr().out
+
+
+def test_fsdp_run_resumes_with_its_optimizer_state(tiny_calm_run, tiny_ae_run):
+    """Stopped after 2 steps, a 2-rank FSDP run resumes (logging.resume) in the same version: the full
+    checkpoint is loaded into the shards and AdamW's moments carry on (step count 4, not 2 again)."""
+    base = [*tiny_calm_run.overrides, f"model.autoencoder_path={tiny_ae_run.export_path}",
+            "logging.name=fsdp_resume", "trainer.devices=2", "trainer.strategy=fsdp", "logging.resume=true"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for steps in (2, 4):
+        proc = subprocess.run([sys.executable, str(PROBE.parent / "fsdp_cli.py"), "train", str(tiny_calm_run.config),
+                               *base, f"trainer.max_steps={steps}"], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    run = DistributedRun([], tiny_calm_run.runs_dir / "fsdp_resume" / "version_0")
+    assert sorted(p.name for p in run.run_dir.parent.iterdir()) == ["version_0"]
+    state = checkpoint(run)
+    assert state["global_step"] == 4
+    adam_steps = {float(s["step"]) for s in state["optimizer_states"][0]["state"].values()}
+    assert adam_steps == {4.0}

@@ -31,11 +31,13 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from calm_lightning.runs import launch_rank
     from calm_lightning.train import train
     from calm_lightning.ui import print_run_summary
 
     result = train(_config(args))
-    print_run_summary(result)
+    if launch_rank() == 0:  # every rank of a multi-process run returns here; one summary is enough
+        print_run_summary(result)
     return 0
 
 

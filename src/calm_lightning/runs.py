@@ -1,7 +1,14 @@
-"""Run directories: runs/<name>/version_<n>, with resume of the latest version on request."""
+"""Run directories: runs/<name>/version_<n>, with resume of the latest version on request.
+
+With several processes (``trainer.devices=N``) every rank runs ``train()``, and each would pick its own
+"next" version: rank zero decides and the processes that Lightning launches inherit its decision
+through the environment (``RUN_ENV``); only rank zero writes into the run directory.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from pathlib import Path
 
@@ -17,6 +24,35 @@ def _versions(root: Path) -> list[int]:
     if not root.is_dir():
         return []
     return sorted(int(m.group(1)) for p in root.iterdir() if (m := _VERSION.match(p.name)))
+
+
+RUN_ENV = "CALM_RUN"  # rank zero's resolved run, copied into the environment of the ranks it launches
+
+
+def launch_rank() -> int:
+    """This process's global rank as the launcher announces it before torch.distributed starts: RANK
+    (torchrun), SLURM_PROCID (srun), else 0 only for NODE_RANK = LOCAL_RANK = 0 (Lightning's own
+    launcher sets both for the processes it starts); 0 for a single process."""
+    for var in ("RANK", "SLURM_PROCID"):
+        if var in os.environ:
+            return int(os.environ[var])
+    node, local = int(os.environ.get("NODE_RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    return 0 if node == 0 and local == 0 else 1 + local  # nonzero: some other rank
+
+
+def shared_run(runs_dir: str, name: str, resume: bool) -> tuple[int, Path | None]:
+    """``resolve_run`` on rank zero (and alone), which then publishes its choice in ``RUN_ENV``; the
+    other ranks take the published run of the same runs_dir/name, resolving themselves only where
+    none was published (ranks started by an outside launcher such as torchrun)."""
+    key = str(Path(runs_dir) / name)
+    if launch_rank() != 0:
+        published = json.loads(os.environ.get(RUN_ENV, "{}"))
+        if published.get("run") == key:
+            return published["version"], Path(published["ckpt"]) if published["ckpt"] else None
+        return resolve_run(runs_dir, name, resume)
+    version, ckpt = resolve_run(runs_dir, name, resume)
+    os.environ[RUN_ENV] = json.dumps({"run": key, "version": version, "ckpt": str(ckpt) if ckpt else ""})
+    return version, ckpt
 
 
 def resolve_run(runs_dir: str, name: str, resume: bool) -> tuple[int, Path | None]:

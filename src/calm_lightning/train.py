@@ -31,7 +31,7 @@ from calm_lightning.lit.autoencoder_module import AutoencoderLitModule
 from calm_lightning.lit.checkpoint_io import AtomicCheckpointIO
 from calm_lightning.lit.lm_modules import CALMLitModule, TokenLMLitModule
 from calm_lightning.lit.sharding import full_model_on_rank_zero
-from calm_lightning.runs import check_resumable, resolve_run
+from calm_lightning.runs import check_resumable, launch_rank, shared_run
 from calm_lightning.utils.hardware import resolve_precision
 from calm_lightning.utils.io import atomic_write_text
 
@@ -163,12 +163,13 @@ def train(cfg: DictConfig, *, quiet: bool = False, callbacks: list[L.Callback] |
     if exp.trainer.compile:
         module.model = torch.compile(module.model)
 
-    version, ckpt = resolve_run(exp.logging.runs_dir, exp.logging.name, exp.logging.resume)
+    version, ckpt = shared_run(exp.logging.runs_dir, exp.logging.name, exp.logging.resume)
     if ckpt is not None:
         check_resumable(ckpt, config["model"], kind)
     logger = TensorBoardLogger(exp.logging.runs_dir, name=exp.logging.name, version=version, default_hp_metric=False)
     run_dir = Path(logger.log_dir)
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+    if launch_rank() == 0:
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
 
     throughput = TokensPerSecond(
         flops_per_token=training_flops_per_token(module.model, seq_len=exp.data.block_size),
