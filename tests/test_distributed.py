@@ -17,7 +17,17 @@ from calm_lightning.artifacts import load_autoencoder
 from calm_lightning.cli import main
 from calm_lightning.metrics.functional import brierlm_from_sums
 
-PROBE = Path(__file__).resolve().parent / "scripts" / "ddp_probe.py"
+SCRIPTS = Path(__file__).resolve().parent / "scripts"
+PROBE = SCRIPTS / "ddp_probe.py"  # train() with per-rank records; FSDP guards lifted for strategy=fsdp
+FSDP_CLI = SCRIPTS / "fsdp_cli.py"  # the calm CLI with the same lifts
+
+
+def run_script(script: Path, *args: str) -> None:
+    """Run a script in a subprocess (a distributed run inside pytest would make Lightning's launcher
+    re-run pytest itself), one thread per rank; it must succeed."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 @dataclass
@@ -31,10 +41,7 @@ def distributed_run(strategy: str, tiny_calm_run, tiny_ae_run, out: Path) -> Dis
                  f"logging.name={strategy}", "trainer.devices=2", f"trainer.strategy={strategy}",
                  "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=2",
                  "eval.brier_max_n=4"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(PROBE), str(out), str(tiny_calm_run.config), *overrides],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_script(PROBE, str(out), str(tiny_calm_run.config), *overrides)
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     return DistributedRun(ranks, tiny_calm_run.runs_dir / strategy / "version_0")
 
@@ -164,10 +171,7 @@ def test_fsdp_autoencoder_run_exports_its_gathered_weights(tiny_ae_run, tmp_path
     overrides = [o for o in tiny_ae_run.overrides if not o.startswith(("logging.name=", "logging.export_path="))]
     overrides += ["logging.name=ae_fsdp", f"logging.export_path={export}", "trainer.devices=2",
                   "trainer.strategy=fsdp"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(PROBE.parent / "fsdp_cli.py"), "--debug", "train",
-                           str(tiny_ae_run.config), *overrides], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_script(FSDP_CLI, "--debug", "train", str(tiny_ae_run.config), *overrides)
     run_dir = tiny_ae_run.runs_dir / "ae_fsdp" / "version_0"
     exported = load_autoencoder(export)[0].state_dict()
     final = checkpoint_weights(DistributedRun([], run_dir))
@@ -187,11 +191,7 @@ def test_fsdp_with_bf16_parameters_and_activation_checkpointing(tiny_calm_run, t
                  "logging.name=fsdp_bf16", "trainer.devices=2", "trainer.strategy=fsdp",
                  "trainer.precision=bf16-mixed", "model.backbone.activation_checkpointing=true",
                  "trainer.max_steps=4", "trainer.checkpoint_every_n_steps=4"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(PROBE.parent / "fsdp_cli.py"), "--debug", "train",
-                           str(tiny_calm_run.config), *overrides], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_script(FSDP_CLI, "--debug", "train", str(tiny_calm_run.config), *overrides)
     run = DistributedRun([], tiny_calm_run.runs_dir / "fsdp_bf16" / "version_0")
     assert checkpoint(run)["global_step"] == 4
     weights = checkpoint_weights(run)
@@ -209,12 +209,8 @@ def test_fsdp_run_resumes_with_its_optimizer_state(tiny_calm_run, tiny_ae_run):
     checkpoint is loaded into the shards and AdamW's moments carry on (step count 4, not 2 again)."""
     base = [*tiny_calm_run.overrides, f"model.autoencoder_path={tiny_ae_run.export_path}",
             "logging.name=fsdp_resume", "trainer.devices=2", "trainer.strategy=fsdp", "logging.resume=true"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for steps in (2, 4):
-        proc = subprocess.run([sys.executable, str(PROBE.parent / "fsdp_cli.py"), "train", str(tiny_calm_run.config),
-                               *base, f"trainer.max_steps={steps}"], env=env, capture_output=True, text=True,
-                              timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        run_script(FSDP_CLI, "train", str(tiny_calm_run.config), *base, f"trainer.max_steps={steps}")
     run = DistributedRun([], tiny_calm_run.runs_dir / "fsdp_resume" / "version_0")
     assert sorted(p.name for p in run.run_dir.parent.iterdir()) == ["version_0"]
     state = checkpoint(run)
