@@ -31,12 +31,12 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from calm_lightning.runs import launch_rank
+    from calm_lightning.runs import is_rank_zero
     from calm_lightning.train import train
     from calm_lightning.ui import print_run_summary
 
     result = train(_config(args))
-    if launch_rank() == 0:  # every rank of a multi-process run returns here; one summary is enough
+    if is_rank_zero():  # every rank of a multi-process run returns here; one summary is enough
         print_run_summary(result)
     return 0
 

@@ -29,15 +29,17 @@ def _versions(root: Path) -> list[int]:
 RUN_ENV = "CALM_RUN"  # rank zero's resolved run, copied into the environment of the ranks it launches
 
 
-def launch_rank() -> int:
-    """This process's global rank as the launcher announces it before torch.distributed starts: RANK
-    (torchrun), SLURM_PROCID (srun), else 0 only for NODE_RANK = LOCAL_RANK = 0 (Lightning's own
-    launcher sets both for the processes it starts); 0 for a single process."""
+def is_rank_zero() -> bool:
+    """Whether this process is global rank zero, as launchers announce it before torch.distributed
+    starts: a nonzero LOCAL_RANK or NODE_RANK (Lightning sets both for the processes it launches, and
+    they inherit everything else, SLURM_PROCID included) means no; else RANK (torchrun) or
+    SLURM_PROCID (srun) decide; a lone process is rank zero."""
+    if int(os.environ.get("LOCAL_RANK", 0)) or int(os.environ.get("NODE_RANK", 0)):
+        return False
     for var in ("RANK", "SLURM_PROCID"):
         if var in os.environ:
-            return int(os.environ[var])
-    node, local = int(os.environ.get("NODE_RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    return 0 if node == 0 and local == 0 else 1 + local  # nonzero: some other rank
+            return int(os.environ[var]) == 0
+    return True
 
 
 def shared_run(runs_dir: str, name: str, resume: bool) -> tuple[int, Path | None]:
@@ -45,7 +47,7 @@ def shared_run(runs_dir: str, name: str, resume: bool) -> tuple[int, Path | None
     other ranks take the published run of the same runs_dir/name, resolving themselves only where
     none was published (ranks started by an outside launcher such as torchrun)."""
     key = str(Path(runs_dir) / name)
-    if launch_rank() != 0:
+    if not is_rank_zero():
         published = json.loads(os.environ.get(RUN_ENV, "{}"))
         if published.get("run") == key:
             return published["version"], Path(published["ckpt"]) if published["ckpt"] else None

@@ -31,7 +31,7 @@ from calm_lightning.lit.autoencoder_module import AutoencoderLitModule
 from calm_lightning.lit.checkpoint_io import AtomicCheckpointIO
 from calm_lightning.lit.lm_modules import CALMLitModule, TokenLMLitModule
 from calm_lightning.lit.sharding import full_model_on_rank_zero
-from calm_lightning.runs import check_resumable, launch_rank, shared_run
+from calm_lightning.runs import check_resumable, is_rank_zero, shared_run
 from calm_lightning.utils.hardware import resolve_precision
 from calm_lightning.utils.io import atomic_write_text
 
@@ -168,7 +168,7 @@ def train(cfg: DictConfig, *, quiet: bool = False, callbacks: list[L.Callback] |
         check_resumable(ckpt, config["model"], kind)
     logger = TensorBoardLogger(exp.logging.runs_dir, name=exp.logging.name, version=version, default_hp_metric=False)
     run_dir = Path(logger.log_dir)
-    if launch_rank() == 0:
+    if is_rank_zero():
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
 
     throughput = TokensPerSecond(
