@@ -28,11 +28,12 @@ from pathlib import Path
 
 import torch
 from records import append_record, record_header
+from shared import backbone_config
 
 from calm_lightning.metrics.estimators import calm_rollout_estimate, token_two_sample_estimate
 from calm_lightning.models.autoencoder import ChunkAutoencoder
 from calm_lightning.models.calm import CALM
-from calm_lightning.models.config import AutoencoderConfig, BackboneConfig, HeadConfig
+from calm_lightning.models.config import AutoencoderConfig, HeadConfig
 from calm_lightning.models.token_lm import TokenLM
 
 RESULTS = Path(__file__).resolve().parent / "results" / "brier.json"
@@ -43,13 +44,7 @@ MAX_N = 4
 
 def build(kind: str, s: dict):
     torch.manual_seed(0)
-    backbone = BackboneConfig(
-        n_layers=s["n_layers"],
-        d_model=s["d_model"],
-        n_heads=s["n_heads"],
-        ffn_size=s["ffn_size"],
-        max_seq_len=s["block"],
-    )
+    backbone = backbone_config(s, max_seq_len=s["block"])
     if kind == "token":
         model = TokenLM(backbone, s["vocab"])
         with torch.no_grad():

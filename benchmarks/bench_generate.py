@@ -18,11 +18,12 @@ from pathlib import Path
 
 import torch
 from records import append_record, record_header
+from shared import backbone_config
 from torch import nn
 
 from calm_lightning.models.autoencoder import ChunkAutoencoder
 from calm_lightning.models.calm import CALM
-from calm_lightning.models.config import AutoencoderConfig, BackboneConfig, HeadConfig
+from calm_lightning.models.config import AutoencoderConfig, HeadConfig
 from calm_lightning.models.token_lm import TokenLM
 from calm_lightning.sampling.generate import GenerationConfig, generate
 
@@ -59,13 +60,7 @@ QUICK = dict(
 
 def build_models(s: dict, K: int, device: torch.device) -> dict[str, nn.Module]:
     torch.manual_seed(0)
-    backbone = BackboneConfig(
-        n_layers=s["n_layers"],
-        d_model=s["d_model"],
-        n_heads=s["n_heads"],
-        ffn_size=s["ffn_size"],
-        max_seq_len=s["prompt_tokens"] + s["new_tokens"],
-    )
+    backbone = backbone_config(s, max_seq_len=s["prompt_tokens"] + s["new_tokens"])
     ae = ChunkAutoencoder(
         AutoencoderConfig(
             vocab_size=s["vocab"],

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 from records import append_record
+from shared import matmul_flops
 
 from calm_lightning.config.loader import load_config
 from calm_lightning.flops import training_flops_per_token
@@ -109,16 +110,9 @@ def energy_loss_share(model: CALM, tokens: torch.Tensor, repeats: int) -> dict:
 
 
 def matmul_peak(dtype: torch.dtype, n: int, repeats: int) -> dict:
-    """Square n x n matmul GFLOP/s in ``dtype`` (best and median of ``repeats`` after one warm-up)."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    a @ b
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t)
-    flops = 2 * n**3
-    return {"n": n, "gflops_best": flops / min(times) / 1e9, "gflops_median": flops / statistics.median(times) / 1e9}
+    """Square n x n matmul GFLOP/s in ``dtype`` on the CPU (best and median of ``repeats``)."""
+    best, median = matmul_flops(n, repeats, dtype, torch.device("cpu"))
+    return {"n": n, "gflops_best": best / 1e9, "gflops_median": median / 1e9}
 
 
 def calm_vs_ar(cases: list[dict], target: float = 3.0) -> dict:

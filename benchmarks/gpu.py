@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from records import append_record
+from shared import matmul_flops, sync
 
 from calm_lightning.config.loader import load_config, to_object
 from calm_lightning.flops import model_flops
@@ -43,30 +44,10 @@ TINY = dict(n_layers=2, d_model=64, n_heads=4, ffn_size=128)
 TINY_AE = dict(d_model=32, ffn_size=64, latent_size=16)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def matmul_peak(device: torch.device, n: int, repeats: int) -> dict:
-    """bf16 n x n x n matmul FLOP/s (the MFU reference): min and median time of ``repeats`` products."""
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t = time.perf_counter()
-        a @ b
-        sync(device)
-        times.append(time.perf_counter() - t)
-    flop = 2 * n**3
-    return {
-        "n": n,
-        "tflops_best": flop / min(times) / 1e12,
-        "tflops_median": flop / statistics.median(times) / 1e12,
-    }
+    """bf16 n x n x n matmul FLOP/s (the MFU reference): from the min and median time of ``repeats`` products."""
+    best, median = matmul_flops(n, repeats, torch.bfloat16, device)
+    return {"n": n, "tflops_best": best / 1e12, "tflops_median": median / 1e12}
 
 
 def build(kind: str, tiny: bool, vocab: int):

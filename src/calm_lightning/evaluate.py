@@ -51,9 +51,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint_config(ckpt: Path) -> dict[str, Any]:
-    """The hyperparameters stored in a checkpoint, after checking every CRC-32 of the file (torch.load
-    alone would accept a truncated or bit-flipped checkpoint and use wrong weights)."""
+def load_checkpoint(ckpt: Path) -> dict[str, Any]:
+    """A checkpoint (memory-mapped) with its hyperparameters, after checking every CRC-32 of the file
+    (torch.load alone would accept a truncated or bit-flipped checkpoint and use wrong weights)."""
     problem = torch_file_problem(ckpt)
     if problem is not None:
         raise CalmError(
@@ -61,16 +61,23 @@ def load_checkpoint_config(ckpt: Path) -> dict[str, Any]:
         )
     try:
         blob = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
-        return blob["hyper_parameters"]
+        blob["hyper_parameters"]  # every Lightning checkpoint has it: KeyError (below) otherwise
+        return blob
     except Exception as e:  # noqa: BLE001 - every unreadable checkpoint is the same user-facing problem
         raise CalmError(f"{ckpt}: not a readable calm-lightning checkpoint ({type(e).__name__})") from None
+
+
+def load_checkpoint_config(ckpt: Path) -> dict[str, Any]:
+    """The hyperparameters stored in a checked checkpoint (`load_checkpoint`)."""
+    return load_checkpoint(ckpt)["hyper_parameters"]
 
 
 def evaluate(checkpoint: str | Path, overrides: list[str] = (), *, limit_batches: int = 0) -> dict[str, Any]:
     from calm_lightning.train import build_datamodule
 
     ckpt = resolve_checkpoint(checkpoint)
-    hparams = load_checkpoint_config(ckpt)
+    blob = load_checkpoint(ckpt)
+    hparams = blob["hyper_parameters"]
     if "config" not in hparams:
         raise CalmError(f"{ckpt}: checkpoint has no stored config; was it written by calm-lightning?")
     for o in overrides:
@@ -107,8 +114,6 @@ def evaluate(checkpoint: str | Path, overrides: list[str] = (), *, limit_batches
     return {
         "checkpoint": str(ckpt),
         "kind": kind,
-        "step": int(
-            torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True).get("global_step", 0)
-        ),
+        "step": int(blob.get("global_step", 0)),
         "metrics": {k: float(v) for k, v in sorted(metrics.items())},
     }
