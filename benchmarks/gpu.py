@@ -9,7 +9,8 @@ fused AdamW under bf16 autocast (what ``precision: bf16-mixed`` runs) on the pap
 ``torch.compile``-d. Reports tokens/s and MFU = model FLOP/s (``calm_lightning.flops``, training per
 token, attention included) over the bf16 matmul peak measured in the same run, and over the vendor
 peak where the GPU is known. Then generation tokens/s at batch 1 and 16, T = 1 and T = 0.5. Writes
-a JSON record to ``--out`` (default benchmarks/results/gpu.json, appended) and prints a table.
+a JSON record to ``--out`` (default benchmarks/results/gpu.json, appended; with ``--tiny`` only when
+``--out`` is given, like the other benchmarks' smoke runs) and prints a table.
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ def main(argv=None) -> int:
     p.add_argument("--models", default="calm,transformer")
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--gen-repeats", type=int, default=3)
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--out", type=Path, default=None, help=f"results file (default {RESULTS}; --tiny: none)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -229,7 +230,7 @@ def main(argv=None) -> int:
         del model, tokens
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    append_record(args.out, record)
+    append_record(args.out if args.out is not None else (None if args.tiny else RESULTS), record)
     return 0
 
 
