@@ -125,6 +125,40 @@ def test_unique_counts_matches_python_grouping(low, high, k):
         assert all((groups[i] == groups[j]) == (rows[i] == rows[j]) for i in range(40) for j in range(40))
 
 
+def python_groups(rows: list[tuple]) -> tuple[list[int], list[int]]:
+    """Plain-Python reference: count and first occurrence of every row."""
+    first: dict[tuple, int] = {}
+    for j, r in enumerate(rows):
+        first.setdefault(r, j)
+    return [rows.count(r) for r in rows], [first[r] for r in rows]
+
+
+# Chunks that need two int64 words (K x bits(max id) > 63) and differ only in the last word: K = 4 at
+# the paper's vocabulary (17 bits: words of 3 + 1 tokens) and K = 8 at V = 2048 (11 bits: 5 + 3).
+@pytest.mark.parametrize(("vocab", "k"), [(128_257, 4), (2048, 8)])
+def test_unique_counts_multiword_chunks_differing_only_in_the_last_word(vocab, k):
+    gen = torch.Generator().manual_seed(3)
+    prefix = torch.randint(0, vocab, (k - 1,), generator=gen)
+    alphabet = prefix.repeat(6, 1)  # [6, K - 1] the same first words
+    last = torch.tensor([vocab - 1, vocab - 2, 0, 1, 7, vocab - 1])
+    alphabet = torch.cat([alphabet, last.unsqueeze(-1)], -1)  # rows 0 and 5 are the same chunk
+    alphabet[3, 0] = vocab - 1  # and one chunk that differs in the first word too
+    candidates = alphabet[torch.randint(0, 6, (4, 60), generator=gen)]  # [C, N, K]
+    counts = unique_counts(candidates)
+    probs, _ = batch_temperature_probs(candidates, 0.5)
+    for c in range(candidates.shape[0]):
+        rows = [tuple(r) for r in candidates[c].tolist()]
+        expected_count, expected_first = python_groups(rows)
+        assert counts.count[c].tolist() == expected_count
+        assert counts.first_index[c].tolist() == expected_first
+        assert int(counts.num_groups[c]) == len(set(rows))
+        # The batch weights at T = 1/2: binom(c_x, 2) per distinct chunk, mass on its first occurrence.
+        weight = {r: math.comb(rows.count(r), 2) for r in set(rows)}
+        total = sum(weight.values())
+        expected = [weight[r] / total if expected_first[j] == j else 0.0 for j, r in enumerate(rows)]
+        assert probs[c].tolist() == pytest.approx(expected, abs=1e-12)
+
+
 def test_unique_counts_compares_whole_chunks():
     candidates = torch.tensor([[[0, 1], [0, 2], [1, 1], [0, 1]]])  # shared first and last tokens
     counts = unique_counts(candidates)
@@ -257,22 +291,25 @@ def test_batch_sample_follows_its_probabilities():
         assert bool((candidates[0, info.index] == chunks).all())
 
 
-def batch_total_variation(num_candidates: int, temperature: float, seed: int) -> float:
-    """TV between the batch sampler's average output distribution and P^(1/T) / Z_T."""
-    contexts, outcomes = 1000, 10
-    zipf = 1.0 / torch.arange(1, outcomes + 1, dtype=torch.float64) ** 1.1
+def batch_total_variation(
+    num_candidates: int, temperature: float, seed: int, outcomes: torch.Tensor | None = None
+) -> float:
+    """TV between the batch sampler's average output distribution and P^(1/T) / Z_T.
+
+    outcomes: [X, K] the chunks of the X = 10 outcomes (default: small ids, one packed word).
+    """
+    contexts, num_outcomes = 1000, 10
+    zipf = 1.0 / torch.arange(1, num_outcomes + 1, dtype=torch.float64) ** 1.1
     zipf = zipf / zipf.sum()
-    sampler = ToyChunkSampler(
-        zipf.expand(contexts, -1),
-        (torch.arange(outcomes).view(1, -1, 1) * torch.tensor([1, 3])).expand(contexts, -1, -1),
-        seed,
-    )
+    if outcomes is None:
+        outcomes = torch.arange(num_outcomes).view(-1, 1) * torch.tensor([1, 3])
+    sampler = ToyChunkSampler(zipf.expand(contexts, -1), outcomes.expand(contexts, -1, -1), seed)
     candidates = sampler(torch.arange(contexts), num_candidates)  # [C, N, 2]
     probs, _ = batch_temperature_probs(candidates, temperature)  # [C, N]
     which = (
         (candidates.unsqueeze(2) == sampler.outcomes.unsqueeze(1)).all(-1).to(torch.uint8).argmax(-1)
     )  # [C, N]
-    mass = torch.zeros(contexts, outcomes, dtype=torch.float64).scatter_add_(-1, which, probs).mean(0)
+    mass = torch.zeros(contexts, num_outcomes, dtype=torch.float64).scatter_add_(-1, which, probs).mean(0)
     return 0.5 * float((mass - tempered(zipf, temperature)).abs().sum())
 
 
@@ -281,6 +318,20 @@ def test_batch_bias_shrinks_with_num_candidates(temperature):
     small, large = (
         batch_total_variation(20, temperature, seed=4),
         batch_total_variation(1000, temperature, seed=5),
+    )
+    assert large < 0.02
+    assert large < 0.25 * small
+
+
+@pytest.mark.parametrize(("vocab", "k"), [(128_257, 4), (2048, 8)])
+def test_batch_bias_shrinks_on_multiword_chunks(vocab, k):
+    # Ten outcomes that share every token but the last (two packed words, equal first words): a
+    # grouping that ignores the last word merges them all and stays ~0.3 away in TV at any N.
+    outcomes = torch.full((10, k), vocab - 3)
+    outcomes[:, -1] = vocab - 1 - torch.arange(10)
+    small, large = (
+        batch_total_variation(20, 0.5, seed=6, outcomes=outcomes),
+        batch_total_variation(1000, 0.5, seed=7, outcomes=outcomes),
     )
     assert large < 0.02
     assert large < 0.25 * small
@@ -356,6 +407,39 @@ def test_exact_sampler_cap_falls_back_instead_of_hanging(temperature):
     assert stats.num_fallbacks == contexts and bool(stats.fallback.all())
     assert bool((stats.draws <= max_draws).all()) and bool((stats.draws > max_draws - 4).all())
     assert stats.draws_made < 2 * contexts * max_draws  # bounded work, not a hang
+
+
+@pytest.mark.parametrize("temperature", [0.4, 0.5, 1 / 3, 0.9])
+def test_exact_sampler_tiny_caps_never_raise_and_flag_every_capped_context(temperature):
+    # Peaked (a point mass, and 0.9 / 0.1) and flat (uniform over 4 and over 50) laws, caps of 1-8
+    # draws: every call returns a chunk of the support; a context is flagged exactly when its
+    # sequential run did not finish within the cap.
+    laws = [
+        torch.tensor([1.0] + [0.0] * 49),
+        torch.tensor([0.9, 0.1] + [0.0] * 48),
+        torch.tensor([0.25] * 4 + [0.0] * 46),
+        torch.full((50,), 1 / 50),
+    ]
+    probs = torch.stack(laws).double().repeat_interleave(100, 0)  # [400, 50]
+    outcomes = (torch.arange(50).view(1, -1, 1) * torch.tensor([1, 2])).expand(400, -1, -1)
+    s, n, a = inverse_temperature(temperature)
+    for max_draws in range(1, 9):
+        sampler = ToyChunkSampler(probs, outcomes, seed=50 + max_draws)
+        chunks, stats = exact_temperature_sample(
+            sampler, 400, temperature, max_draws=max_draws, generator=torch.Generator().manual_seed(max_draws)
+        )
+        sampler.outcome_index(chunks)  # every chunk lies in its context's support
+        assert bool((stats.draws <= max_draws).all())
+        point_mass = stats.fallback[:100]
+        # A point mass needs n draws (step 1) plus one (step 2, accepted at once) when a > 0.
+        needed = n + (1 if a > 0 else 0)
+        assert bool(point_mass.all()) == (max_draws < needed) and bool(point_mass.any()) == (max_draws < needed)
+        assert bool((chunks[:100] == 0).all())  # the fallback of a point mass is its only chunk
+        # A finished context consumed at least n draws; one with fewer than n left can only be capped.
+        finished = ~stats.fallback
+        assert bool((stats.draws[finished] >= n).all())
+        if max_draws < n:
+            assert bool(stats.fallback.all())
 
 
 # ------------------------------------------------------------------------------------------- entry point

@@ -128,8 +128,10 @@ def _sorted_runs(
     for word in reversed(words[:-1]):  # LSD radix over words: later passes must be stable
         keys, order = word.gather(-1, perm).sort(dim=-1, stable=True)
         perm = perm.gather(-1, order)
+    # After the radix passes ``keys`` is the sorted first (most significant) word; a run also ends
+    # where any later word changes, so compare words[1:] (the first is already covered).
     new_run = keys[:, 1:] != keys[:, :-1]  # [C, N - 1]
-    for word in words[:-1]:
+    for word in words[1:]:
         sorted_word = word.gather(-1, perm)
         new_run |= sorted_word[:, 1:] != sorted_word[:, :-1]
     run = torch.nn.functional.pad(new_run.cumsum(-1), (1, 0))  # [C, N], run id per sorted slot
@@ -460,8 +462,9 @@ def exact_temperature_sample(
                 step[got] = 1
         block = None
 
-        # Step 2: contexts holding x* run the Bernoulli factory over B draws and coins.
-        idx = (~done & has_candidate).nonzero().squeeze(-1)
+        # Step 2: contexts holding x* run the Bernoulli factory over B draws and coins. A context that
+        # found x* with its last allowed draw has no draw left: the cap below flags it.
+        idx = (~done & has_candidate & (draws < max_draws)).nonzero().squeeze(-1)
         if idx.numel():
             width = block_width(idx)
             y = draw_fn(idx.to(index_device), width)  # [C2, B, K]
