@@ -179,6 +179,23 @@ def test_energy_head_width_and_blocks_from_config():
     assert sum(p.numel() for p in blk.parameters() if p.dim() == 2) == 6 * D * D  # ~6 w^2 per block
 
 
+def test_energy_block_matches_the_reference_formula():
+    # e + W2(SiLU(W1 x) * W3 x), x = SiLU(L2(SiLU(L1([LN(e), c])))): the SiLU after L2 keeps L2 and
+    # the gated FFN's input projections from collapsing into one linear map (reference block).
+    from calm_lightning.models.heads.energy import EnergyBlock
+
+    torch.manual_seed(0)
+    block = EnergyBlock(8)
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    e, c = torch.randn(5, 8), torch.randn(5, 8)
+    first, second = block.fuse[0], block.fuse[2]
+    x = F.silu(second(F.silu(first(torch.cat([block.norm(e), c], -1)))))
+    ffn = block.ffn
+    expected = e + ffn.w2(F.silu(ffn.w1(x)) * ffn.w3(x))
+    torch.testing.assert_close(block(e, block.condition(c)), expected)
+
+
 def test_unknown_flow_solver_is_rejected():
     with pytest.raises(ValueError):
         make_head("flow", solver="rk4")

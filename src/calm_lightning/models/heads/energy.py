@@ -18,9 +18,11 @@ from calm_lightning.models.layers import SwiGLU
 
 
 class EnergyBlock(nn.Module):
-    """e + SwiGLU(Linear(SiLU(Linear([LN(e), c])))): fuse the noise stream e with the condition c.
+    """e + SwiGLU(SiLU(Linear(SiLU(Linear([LN(e), c]))))): fuse the noise stream e with the condition c.
 
-    Params ~6 w^2: 2w^2 (fuse) + w^2 + 3w^2 (SwiGLU with hidden width w).
+    As the reference block: Linear(2w -> w) -> SiLU -> Linear(w -> w) -> SiLU -> gated FFN. The SiLU
+    before the SwiGLU matters: without it the second Linear and the SwiGLU's input projections
+    collapse into one linear map. Params ~6 w^2: 2w^2 (fuse) + w^2 + 3w^2 (SwiGLU with hidden width w).
     """
 
     def __init__(self, width: int):
@@ -43,7 +45,7 @@ class EnergyBlock(nn.Module):
         first, act, second = self.fuse
         w = e.shape[-1]
         z = F.linear(self.norm(e), first.weight[:, :w], first.bias) + c_proj
-        return e + self.ffn(second(act(z)))
+        return e + self.ffn(act(second(act(z))))
 
 
 @register_head("energy")
