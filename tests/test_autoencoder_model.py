@@ -12,6 +12,7 @@ from calm_lightning.models.autoencoder import (
     LOG_SIGMA_MIN,
     AutoencoderOutput,
     ChunkAutoencoder,
+    active_dims,
     clipped_kl,
     gaussian_kl_per_dim,
 )
@@ -55,14 +56,36 @@ def test_kl_clip_matches_hand_computation():
     row0 = [0.0, 0.5, 0.5 * (4 + 0.25 - 1) + math.log(2.0)]
     row1 = [0.5 * (4 - 1) - math.log(2.0), 0.5, 0.0]
     expected = torch.tensor([row0, row1])
-    torch.testing.assert_close(gaussian_kl_per_dim(mu, log_sigma), expected)
-    per_dim = expected.mean(0)  # batch mean first, then the clip (reference-code style)
+    kl = gaussian_kl_per_dim(mu, log_sigma)
+    torch.testing.assert_close(kl, expected)
+    # chunk (reference code): floor each chunk's KL_i, sum over dims, average over chunks.
+    per_chunk = [sum(max(0.5, v) for v in row) for row in (row0, row1)]
+    torch.testing.assert_close(clipped_kl(kl, 0.5, "chunk"), torch.tensor(sum(per_chunk) / 2))
+    assert clipped_kl(kl, 0.5) == clipped_kl(kl, 0.5, "chunk")  # the default
+    # batch (Kingma et al.): batch mean first, then the floor.
+    per_dim = expected.mean(0)
     assert per_dim[0] < 0.5 < per_dim[2]
-    want = max(0.5, per_dim[0].item()) + max(0.5, per_dim[1].item()) + max(0.5, per_dim[2].item())
-    torch.testing.assert_close(clipped_kl(per_dim, 0.5), torch.tensor(want))
-    # clipping each example before averaging would give a different (larger) value here
-    per_example = expected.clamp_min(0.5).mean(0).sum()
-    assert not torch.isclose(per_example, clipped_kl(per_dim, 0.5))
+    want = sum(max(0.5, v) for v in per_dim.tolist())
+    torch.testing.assert_close(clipped_kl(kl, 0.5, "batch"), torch.tensor(want))
+    assert not torch.isclose(clipped_kl(kl, 0.5, "chunk"), clipped_kl(kl, 0.5, "batch"))
+    # active dims in the same two senses, at a floor of 0.3: per chunk 2 and 2 dims above it
+    # (mean 2); batch means (0.40, 0.5, 1.16): all 3 above it.
+    assert float(active_dims(kl, 0.3, "chunk")) == 2.0
+    assert float(active_dims(kl, 0.3, "batch")) == 3.0
+    with pytest.raises(ValueError):
+        clipped_kl(kl, 0.5, "token")
+
+
+def test_chunk_clip_gradient_reaches_exactly_the_chunks_above_the_floor():
+    # A dimension gets a KL gradient in the chunks where its KL exceeds the floor, even when its
+    # batch mean is below it (the batch form gives no gradient there).
+    mu = torch.tensor([[2.0], [0.0], [0.0], [0.0]], requires_grad=True)  # KL 2, 0, 0, 0: mean 0.5
+    log_sigma = torch.zeros(4, 1)
+    clipped_kl(gaussian_kl_per_dim(mu, log_sigma), 0.6, "chunk").backward()
+    assert mu.grad[0, 0] == pytest.approx(2.0 / 4) and bool((mu.grad[1:] == 0).all())
+    mu.grad = None
+    clipped_kl(gaussian_kl_per_dim(mu, log_sigma), 0.6, "batch").backward()
+    assert bool((mu.grad == 0).all())
 
 
 def test_forward_loss_is_ce_plus_beta_clipped_kl():
@@ -73,11 +96,20 @@ def test_forward_loss_is_ce_plus_beta_clipped_kl():
     out = ae(tokens)
     K = cfg.chunk_size
     ce = torch.nn.functional.cross_entropy(out.logits.reshape(-1, V), tokens.reshape(-1)) * K
-    kl_per_dim = gaussian_kl_per_dim(out.mu, out.log_sigma).mean(0)
+    kl = gaussian_kl_per_dim(out.mu, out.log_sigma)  # [B, l]
+    kl_per_dim = kl.mean(0)
     torch.testing.assert_close(out.ce, ce)
     torch.testing.assert_close(out.kl_per_dim, kl_per_dim)
     torch.testing.assert_close(out.kl, kl_per_dim.sum())
-    torch.testing.assert_close(out.loss, ce + 0.25 * kl_per_dim.clamp_min(0.3).sum())
+    torch.testing.assert_close(out.loss, ce + 0.25 * kl.clamp_min(0.3).sum(-1).mean())
+    torch.testing.assert_close(out.active_dims, (kl > 0.3).float().sum(-1).mean())
+    cfg.kl_clip_reduction = "batch"
+    torch.manual_seed(1)
+    out = ae(tokens)
+    kl = gaussian_kl_per_dim(out.mu, out.log_sigma)
+    ce = torch.nn.functional.cross_entropy(out.logits.reshape(-1, V), tokens.reshape(-1)) * K
+    torch.testing.assert_close(out.loss, ce + 0.25 * kl.mean(0).clamp_min(0.3).sum())
+    torch.testing.assert_close(out.active_dims, (kl.mean(0) > 0.3).float().sum())
     # z is a reparameterised posterior sample
     mu, log_sigma = ae.encode(tokens)
     torch.testing.assert_close(out.mu, mu)

@@ -140,6 +140,8 @@ def validate(cfg: ExperimentConfig) -> list[str]:
     errs += _check(ae.latent_size > 0, "model.autoencoder.latent_size", f"must be > 0, got {ae.latent_size}")
     errs += _check(ae.d_model > 0, "model.autoencoder.d_model", f"must be > 0, got {ae.d_model}")
     errs += _check(ae.beta >= 0, "model.autoencoder.beta", f"must be >= 0, got {ae.beta}")
+    errs += _check(ae.kl_clip_reduction in ("chunk", "batch"), "model.autoencoder.kl_clip_reduction",
+                   f"must be chunk or batch, got {ae.kl_clip_reduction!r}")
     for key, p in (("latent_dropout", ae.latent_dropout), ("token_mask_prob", ae.token_mask_prob)):
         errs += _check(0.0 <= p < 1.0, f"model.autoencoder.{key}", f"must be in [0, 1), got {p}")
     if K >= 1:

@@ -55,13 +55,12 @@ class AutoencoderLitModule(ShardedGradientClipping, L.LightningModule):
         if not check_finite(out.loss, self.global_step, self.cfg.trainer.nan_policy):
             self.log("train/skipped_steps", 1.0, reduce_fx="sum")
             return None
-        active = (out.kl_per_dim > self.model.cfg.kl_clip).sum().float()
         self.log_dict(
             {
                 "train/loss": out.loss,
                 "train/ce": out.ce,
                 "train/kl": out.kl,
-                "train/active_dims": active,
+                "train/active_dims": out.active_dims,
                 "train/sigma": out.log_sigma.float().exp().mean(),
             },
             prog_bar=False,
@@ -80,7 +79,7 @@ class AutoencoderLitModule(ShardedGradientClipping, L.LightningModule):
         for s in self.noise_sigmas:
             self.val_acc[_sigma_key(s)].update(self.model.decode(mu + s * torch.randn_like(mu)), chunks)
         self.log("val/sigma", sigma.float().mean(), sync_dist=True)
-        self.log("val/active_dims", (out.kl_per_dim > self.model.cfg.kl_clip).sum().float(), sync_dist=True)
+        self.log("val/active_dims", out.active_dims, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         results: dict[str, float] = {}

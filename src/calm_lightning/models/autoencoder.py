@@ -6,7 +6,8 @@ Decoder: Linear(l -> d) -> chunk blocks -> Linear(d -> K*d) -> K token states ->
 RMSNorm -> logits through the encoder's embedding matrix (tied: the very same Parameter).
 
 Objective of one chunk (minimised), section 1 of the paper:
-    loss = sum_k CE(token_k) + beta * sum_i max(lambda, KL_i),
+    loss = sum_k CE(token_k) + beta * sum_i max(lambda, KL_i)   (averaged over chunks; the floor per
+           chunk as the reference code, or on the batch-mean KL: ``kl_clip_reduction``),
     KL_i = KL(N(mu_i, sigma_i^2) || N(0, 1)) = 0.5 * (mu_i^2 + sigma_i^2 - 1) - log sigma_i,
 with the robustness tricks applied only in training mode: input token masking (masked ids become
 ``mask_token_id``; labels stay the originals) and dropout on the sampled latent z.
@@ -36,11 +37,12 @@ INIT_STD = 0.02
 class AutoencoderOutput:
     """What one training/validation step of the autoencoder produces.
 
-    loss: scalar, ce + beta * sum_i max(kl_clip, kl_per_dim_i)  (the clipped KL is what is optimised).
+    loss: scalar, ce + beta * clipped KL (``clipped_kl`` with ``cfg.kl_clip_reduction``; what is optimised).
     ce: scalar, cross-entropy summed over the K tokens of a chunk, averaged over the batch (nats/chunk).
     kl: scalar, the *unclipped* KL of the posterior to N(0, I) summed over dims, averaged over the batch
         (nats/chunk; the information actually carried by z).
     kl_per_dim: [l] unclipped KL per latent dimension, averaged over the batch.
+    active_dims: scalar, dimensions above the free-bits floor (``active_dims``, same reduction).
     logits: [B, K, V]; mu, log_sigma: [B, l] (log_sigma clamped); z: [B, l] the posterior sample before
         latent dropout.
     """
@@ -49,6 +51,7 @@ class AutoencoderOutput:
     ce: torch.Tensor
     kl: torch.Tensor
     kl_per_dim: torch.Tensor
+    active_dims: torch.Tensor
     logits: torch.Tensor
     mu: torch.Tensor
     log_sigma: torch.Tensor
@@ -61,14 +64,39 @@ def gaussian_kl_per_dim(mu: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tens
     return 0.5 * (mu.pow(2) + torch.exp(2.0 * log_sigma) - 1.0) - log_sigma
 
 
-def clipped_kl(kl_per_dim: torch.Tensor, kl_clip: float) -> torch.Tensor:
-    """Free-bits KL: sum_i max(kl_clip, KL_i). kl_per_dim: [l] (already batch-averaged) -> scalar.
+KL_CLIP_REDUCTIONS = ("chunk", "batch")
 
-    The clip is applied to the batch-mean KL of each dimension (as the reference code does), not to
-    each example's KL: a dimension only escapes the floor's zero gradient when it carries more than
-    ``kl_clip`` nats on average over the batch.
+
+def clipped_kl(kl: torch.Tensor, kl_clip: float, reduction: str = "chunk") -> torch.Tensor:
+    """Free-bits KL of a batch of chunks. kl: [..., l] KL per chunk and dimension -> scalar.
+
+    ``"chunk"`` (reference code, the default): mean over chunks of sum_i max(kl_clip, KL_bi); each
+    chunk's dimension is floored on its own, so a dimension's KL gets a gradient in exactly the chunks
+    where it exceeds ``kl_clip``.
+    ``"batch"`` (Kingma et al. 2016's free bits): sum_i max(kl_clip, mean_b KL_bi); a dimension escapes
+    the floor's zero gradient only when it carries more than ``kl_clip`` nats on average over the batch.
     """
-    return kl_per_dim.clamp_min(kl_clip).sum()
+    kl = kl.flatten(0, -2) if kl.dim() > 1 else kl.unsqueeze(0)  # [chunks, l]
+    if reduction == "chunk":
+        return kl.clamp_min(kl_clip).sum(-1).mean()
+    if reduction == "batch":
+        return kl.mean(0).clamp_min(kl_clip).sum()
+    raise ValueError(f"kl_clip_reduction must be one of {KL_CLIP_REDUCTIONS}, got {reduction!r}")
+
+
+def active_dims(kl: torch.Tensor, kl_clip: float, reduction: str = "chunk") -> torch.Tensor:
+    """Latent dimensions above the free-bits floor, in the sense of ``clipped_kl``'s reduction.
+
+    kl: [..., l] -> float scalar. ``"chunk"``: mean over chunks of the number of dimensions with
+    KL_bi > kl_clip (the dimensions that get a KL gradient, per chunk); ``"batch"``: the number of
+    dimensions whose batch-mean KL exceeds kl_clip.
+    """
+    kl = kl.flatten(0, -2) if kl.dim() > 1 else kl.unsqueeze(0)  # [chunks, l]
+    if reduction == "chunk":
+        return (kl > kl_clip).float().sum(-1).mean()
+    if reduction == "batch":
+        return (kl.mean(0) > kl_clip).float().sum()
+    raise ValueError(f"kl_clip_reduction must be one of {KL_CLIP_REDUCTIONS}, got {reduction!r}")
 
 
 class ChunkAutoencoder(nn.Module):
@@ -189,13 +217,16 @@ class ChunkAutoencoder(nn.Module):
 
         K = self.chunk_size
         ce = F.cross_entropy(logits.float().flatten(0, -2), tokens.flatten()) * K  # labels: unmasked ids
-        kl_per_dim = gaussian_kl_per_dim(mu, log_sigma).flatten(0, -2).mean(0)  # [l], batch mean
-        loss = ce + self.cfg.beta * clipped_kl(kl_per_dim, self.cfg.kl_clip)
+        kl = gaussian_kl_per_dim(mu, log_sigma).flatten(0, -2)  # [B, l] per chunk and dimension
+        reduction = self.cfg.kl_clip_reduction
+        loss = ce + self.cfg.beta * clipped_kl(kl, self.cfg.kl_clip, reduction)
+        kl_per_dim = kl.mean(0)  # [l], batch mean
         return AutoencoderOutput(
             loss=loss,
             ce=ce,
             kl=kl_per_dim.sum(),
             kl_per_dim=kl_per_dim,
+            active_dims=active_dims(kl, self.cfg.kl_clip, reduction),
             logits=logits,
             mu=mu,
             log_sigma=log_sigma,

@@ -22,6 +22,7 @@ class AutoencoderConfig:
     num_chunk_blocks: int = 1  # residual blocks applied to the compressed chunk state
     beta: float = 1e-3  # weight of the clipped KL term
     kl_clip: float = 0.5  # lambda: per-dimension KL floor ("free bits")
+    kl_clip_reduction: str = "chunk"  # chunk: floor each chunk's KL_i (reference code) | batch: floor the batch-mean KL_i
     latent_dropout: float = 0.15  # dropout on the sampled z, training only
     token_mask_prob: float = 0.15  # input token masking rate, training only
     mask_token_id: int | None = None  # id used for masked inputs; None = the tokenizer's <mask>
