@@ -144,19 +144,36 @@ def test_rerunning_a_finished_run_revalidates_and_re_exports(tiny_ae_run, tmp_pa
 
 
 def test_weight_decay_groups_by_layer_type():
-    """Linear weights decay; norms, biases and embeddings do not (decided by type, so flattened FSDP
-    views would be grouped the same)."""
+    """reference: all but biases and norm gains (embeddings decay); linear: Linear weights only; all.
+    Decided by layer type, so flattened FSDP views would be grouped the same."""
     from torch import nn
 
     from calm_lightning.lit.optim import parameter_groups
     from calm_lightning.models.layers import RMSNorm
 
     model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4), RMSNorm(4), nn.LayerNorm(4))
-    decay, no_decay = parameter_groups(model, 0.1, decay_all=False)
+    emb, lin_w, lin_b, rms, ln_w, ln_b = (
+        model[0].weight, model[1].weight, model[1].bias, model[2].weight, model[3].weight, model[3].bias
+    )
+    decay, no_decay = parameter_groups(model, 0.1, "reference")
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert [id(p) for p in decay["params"]] == [id(model[1].weight)]
-    assert {id(p) for p in no_decay["params"]} == {
-        id(model[0].weight), id(model[1].bias), id(model[2].weight), id(model[3].weight), id(model[3].bias)
-    }
-    (everything,) = parameter_groups(model, 0.1, decay_all=True)
+    assert {id(p) for p in decay["params"]} == {id(emb), id(lin_w)}
+    assert {id(p) for p in no_decay["params"]} == {id(lin_b), id(rms), id(ln_w), id(ln_b)}
+    decay, no_decay = parameter_groups(model, 0.1, "linear")
+    assert [id(p) for p in decay["params"]] == [id(lin_w)]
+    assert {id(p) for p in no_decay["params"]} == {id(emb), id(lin_b), id(rms), id(ln_w), id(ln_b)}
+    (everything,) = parameter_groups(model, 0.1, "all")
     assert len(everything["params"]) == 6
+
+
+def test_constant_schedule_warms_up_then_holds():
+    """The paper's recipe: linear warm-up, then constant (the reference's HF "constant" dropped the
+    warm-up; warmup_steps=0 is that)."""
+    from calm_lightning.config.schema import OptimConfig
+    from calm_lightning.lit.optim import lr_lambda
+
+    for schedule in ("constant", "constant_with_warmup"):
+        fn = lr_lambda(OptimConfig(schedule=schedule, warmup_steps=4), max_steps=100)
+        assert [fn(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    fn = lr_lambda(OptimConfig(schedule="constant", warmup_steps=0), max_steps=100)
+    assert fn(0) == 1.0

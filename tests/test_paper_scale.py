@@ -84,8 +84,9 @@ def test_paper_recipes():
         positions = d.block_size // (exp.model.autoencoder.chunk_size if exp.model.kind == "calm" else 1)
         assert positions == exp.model.backbone.max_seq_len == 2048, name
         assert (o.lr, tuple(o.betas), o.weight_decay, o.grad_clip) == (3e-4, (0.9, 0.95), 0.1, 1.0)
+        assert o.weight_decay_groups == "reference"
         assert (o.schedule, o.warmup_steps, t.max_steps, t.precision) == (
-            "constant_with_warmup",
+            "constant",
             2000,
             250_000,
             "bf16-mixed",

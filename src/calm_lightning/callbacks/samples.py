@@ -51,8 +51,12 @@ class TemperatureSamples(L.Callback):
         start = time.perf_counter()
         skipped = 0
         error = ""
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            # A diverged step: the next training step's loss check stops the run with its step; sampling
+            # would only fail inside torch.multinomial.
+            error = "the model has non-finite weights"
         try:
-            for temperature in self.cfg.temperatures:
+            for temperature in self.cfg.temperatures if not error else ():
                 if time.perf_counter() - start > self.cfg.time_budget_s:
                     skipped += 1
                     continue

@@ -54,9 +54,11 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.1
-    decay_norms_and_embeddings: bool = False  # apply weight decay to norms, biases and embeddings too
-    warmup_steps: int = 100
-    schedule: str = "constant_with_warmup"  # constant | constant_with_warmup | cosine
+    # which parameters decay: reference (all but biases and norm gains; the paper's HF Trainer) |
+    # linear (Linear weights only) | all
+    weight_decay_groups: str = "reference"
+    warmup_steps: int = 100  # linear warm-up steps, for every schedule (0 = the reference code's "constant")
+    schedule: str = "constant"  # constant (after warm-up) | cosine | constant_with_warmup (= constant)
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
     grad_clip: float = 1.0  # max gradient norm; 0 disables
     accumulate_grad_batches: int = 1
@@ -171,6 +173,8 @@ def validate(cfg: ExperimentConfig) -> list[str]:
     errs += _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     errs += _check(o.schedule in SCHEDULES, "optim.schedule", f"must be one of {', '.join(SCHEDULES)}, got {o.schedule!r}")
     errs += _check(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    errs += _check(o.weight_decay_groups in ("reference", "linear", "all"), "optim.weight_decay_groups",
+                   f"must be reference, linear or all, got {o.weight_decay_groups!r}")
     errs += _check(o.tokens_per_step >= 0, "optim.tokens_per_step", f"must be >= 0 (0 = off), got {o.tokens_per_step}")
     errs += _check(o.accumulate_grad_batches >= 1, "optim.accumulate_grad_batches", f"must be >= 1, got {o.accumulate_grad_batches}")
     t = cfg.trainer
