@@ -147,3 +147,44 @@ def test_bf16_autocast_loss_and_backward(calm):
     assert torch.isfinite(out.loss)
     out.loss.backward()
     assert calm.embed.weight.grad is not None
+
+
+def test_reference_architecture_switches():
+    """experiments/reference_arch.yaml's keys give the reference code's layers: biases, LayerNorm eps
+    1e-6, N(0, 0.02) init (no scaled residual init, no xavier head), integer flow time."""
+    import math
+    from pathlib import Path
+
+    from calm_lightning.config.loader import load_config, to_object
+    from calm_lightning.models.heads import build_head
+
+    yaml = Path(__file__).resolve().parents[1] / "experiments" / "reference_arch.yaml"
+    exp = to_object(load_config(yaml, ["model.autoencoder.vocab_size=64"]))
+    ae_cfg = exp.model.autoencoder
+    ae = ChunkAutoencoder(ae_cfg)
+    assert all(m.bias is not None for m in (ae.enc_compress, ae.dec_in, ae.dec_expand))
+    assert ChunkAutoencoder(AutoencoderConfig(vocab_size=64)).enc_compress.bias is None  # kit default
+    torch.manual_seed(0)
+    model = CALM(exp.model.backbone, exp.model.head, ae)
+    first, _, second, norm = model.compress
+    assert first.bias is not None and second.bias is not None and norm.eps == 1e-6
+    head = model.head
+    assert all(m.eps == 1e-6 for m in head.modules() if isinstance(m, nn.LayerNorm))
+    assert all(blk.ffn.w1.bias is not None and blk.ffn.w2.bias is not None for blk in head.blocks)
+    # N(0, 0.02): a 256 x 256 block matrix has std 0.02 (xavier-uniform: sqrt(2 / (256 + 256)) = 0.0625)
+    assert head.blocks[0].fuse[2].weight.std().item() == pytest.approx(0.02, rel=0.05)
+    n = exp.model.backbone.n_layers
+    assert model.backbone.blocks[0].ffn.w2.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    default = CALM(BackboneConfig(), HeadConfig(), ChunkAutoencoder(AutoencoderConfig(vocab_size=64)))
+    assert default.backbone.blocks[0].ffn.w2.weight.std().item() == pytest.approx(0.02 / math.sqrt(2 * n), rel=0.05)
+    assert default.head.blocks[0].fuse[2].weight.std().item() == pytest.approx(math.sqrt(2 / 512), rel=0.05)
+    # integer flow time: the velocity is constant within one 1/1000 bin of t, and changes across bins
+    flow_cfg = exp.model.head
+    flow_cfg.name = "flow"
+    flow = build_head(D, LATENT, flow_cfg, 4)
+    for p in flow.parameters():
+        nn.init.normal_(p, std=0.3)
+    x, cond = torch.randn(1, LATENT), flow.net.embed_condition(torch.randn(1, D))
+    v = [flow.velocity(x, torch.tensor([t]), cond) for t in (0.5001, 0.5009, 0.5011)]
+    torch.testing.assert_close(v[0], v[1])
+    assert not torch.allclose(v[1], v[2])

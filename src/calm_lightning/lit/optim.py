@@ -10,7 +10,6 @@ from torch import nn
 from calm_lightning.config.schema import OptimConfig
 from calm_lightning.models.layers import RMSNorm
 
-
 WEIGHT_DECAY_GROUPS = ("reference", "linear", "all")
 
 

@@ -118,7 +118,8 @@ class ChunkAutoencoder(nn.Module):
         self.enc_token_blocks = nn.ModuleList(
             ResidualSwiGLUBlock(d, f, eps) for _ in range(cfg.num_token_blocks)
         )
-        self.enc_compress = nn.Linear(K * d, d, bias=False)
+        bias = cfg.linear_bias  # the reference code's squeeze/expand/latent_to_hidden have biases
+        self.enc_compress = nn.Linear(K * d, d, bias=bias)
         self.enc_chunk_blocks = nn.ModuleList(
             ResidualSwiGLUBlock(d, f, eps) for _ in range(cfg.num_chunk_blocks)
         )
@@ -126,11 +127,11 @@ class ChunkAutoencoder(nn.Module):
         # A bias here lets log_sigma settle at a common level independent of the normalised state.
         self.to_posterior = nn.Linear(d, 2 * latent, bias=True)
         # decoder
-        self.dec_in = nn.Linear(latent, d, bias=False)
+        self.dec_in = nn.Linear(latent, d, bias=bias)
         self.dec_chunk_blocks = nn.ModuleList(
             ResidualSwiGLUBlock(d, f, eps) for _ in range(cfg.num_chunk_blocks)
         )
-        self.dec_expand = nn.Linear(d, K * d, bias=False)
+        self.dec_expand = nn.Linear(d, K * d, bias=bias)
         self.dec_token_blocks = nn.ModuleList(
             ResidualSwiGLUBlock(d, f, eps) for _ in range(cfg.num_token_blocks)
         )

@@ -162,14 +162,17 @@ class Transformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """normal(0, 0.02) for every linear; the two residual output projections of each block
-        (attention ``proj`` and FFN ``w2``) use 0.02 / sqrt(2 * n_layers) so the residual stream's
-        variance does not grow with depth (GPT-2 style)."""
+        """normal(0, 0.02) for every linear; with ``cfg.scaled_residual_init`` (default) the two residual
+        output projections of each block (attention ``proj`` and FFN ``w2``) use 0.02 / sqrt(2 * n_layers)
+        so the residual stream's variance does not grow with depth (GPT-2 style; the reference code's
+        HF Llama uses 0.02 throughout)."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
             elif isinstance(module, RMSNorm):
                 module.reset_parameters()
+        if not self.cfg.scaled_residual_init:
+            return
         out_std = INIT_STD / math.sqrt(2 * self.n_layers)
         for block in self.blocks:
             nn.init.normal_(block.attn.proj.weight, mean=0.0, std=out_std)

@@ -50,11 +50,12 @@ class CALM(nn.Module):
         self.autoencoder.eval()
 
         self.embed = nn.Embedding(autoencoder.cfg.vocab_size, D)
+        bias = backbone_cfg.compress_bias
         self.compress = nn.Sequential(
-            nn.Linear(K * D, 2 * D, bias=False),
+            nn.Linear(K * D, 2 * D, bias=bias),
             nn.SiLU(),
-            nn.Linear(2 * D, D, bias=False),
-            nn.LayerNorm(D),
+            nn.Linear(2 * D, D, bias=bias),
+            nn.LayerNorm(D, eps=backbone_cfg.compress_norm_eps),
         )
         self.backbone = Transformer(backbone_cfg)
         self.head = build_head(D, self.latent_size, head_cfg, backbone_cfg.n_layers)
@@ -66,6 +67,8 @@ class CALM(nn.Module):
         for module in self.compress:
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
             elif isinstance(module, nn.LayerNorm):
                 module.reset_parameters()
 

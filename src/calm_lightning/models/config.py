@@ -27,6 +27,7 @@ class AutoencoderConfig:
     token_mask_prob: float = 0.15  # input token masking rate, training only
     mask_token_id: int | None = None  # id used for masked inputs; None = the tokenizer's <mask>
     norm_eps: float = 1e-6
+    linear_bias: bool = False  # biases in enc_compress, dec_in, dec_expand (reference code: true)
 
 
 @dataclass
@@ -41,6 +42,10 @@ class BackboneConfig:
     max_seq_len: int = 512  # positions (vector steps for CALM, tokens for the baseline)
     norm_eps: float = 1e-6
     activation_checkpointing: bool = False
+    # normal(0, 0.02 / sqrt(2 n_layers)) for the residual output projections (GPT-2); false = plain 0.02 (reference)
+    scaled_residual_init: bool = True
+    compress_bias: bool = False  # CALM: biases in the input compression MLP's two Linears (reference: true)
+    compress_norm_eps: float = 1e-5  # CALM: eps of the compression MLP's LayerNorm (reference: 1e-6)
 
 
 @dataclass
@@ -52,6 +57,8 @@ class EnergyHeadConfig:
     num_target_samples: int = 100  # M: posterior samples per position in the energy loss
     alpha: float = 1.0  # exponent of the distance in the energy score, strictly proper in (0, 2)
     shared_target_noise: bool = True  # one N(0, I) bank of M per batch, sign-flipped per position; False = i.i.d.
+    ffn_bias: bool = False  # biases in each block's gated FFN (reference: true)
+    init: str = "xavier"  # xavier (uniform) | normal: N(0, 0.02) for every Linear (reference); last Linear zero either way
 
 
 @dataclass
@@ -62,6 +69,7 @@ class FlowHeadConfig:
     solver: str = "midpoint"  # euler | midpoint
     num_steps: int = 4  # solver steps from t=0 to t=1
     time_scale: float = 1000.0  # t in [0, 1] is multiplied by this before the sinusoidal timestep embedding
+    discrete_time: bool = False  # the net sees floor(t * time_scale), as the reference code (training and sampling)
 
 
 @dataclass
@@ -84,6 +92,7 @@ class HeadConfig:
     name: str = "energy"  # energy | flow | diffusion
     num_samples: int = 8  # N: head samples per position in training
     width: int = 0  # hidden width of the head; 0 = backbone d_model
+    norm_eps: float = 1e-5  # eps of the head's LayerNorms (energy and adaLN nets; reference: 1e-6)
     energy: EnergyHeadConfig = field(default_factory=EnergyHeadConfig)
     flow: FlowHeadConfig = field(default_factory=FlowHeadConfig)
     diffusion: DiffusionHeadConfig = field(default_factory=DiffusionHeadConfig)

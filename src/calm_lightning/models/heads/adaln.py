@@ -21,9 +21,9 @@ def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torc
 class AdaLNBlock(nn.Module):
     """x + gate * MLP(LN(x) * (1 + scale) + shift), (shift, scale, gate) = Linear(SiLU(y)); no-affine LN."""
 
-    def __init__(self, width: int):
+    def __init__(self, width: int, eps: float = 1e-5):
         super().__init__()
-        self.norm = nn.LayerNorm(width, elementwise_affine=False)
+        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=eps)
         self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
         self.modulation = nn.Linear(width, 3 * width)
 
@@ -44,15 +44,21 @@ class AdaLNMLP(nn.Module):
     """
 
     def __init__(
-        self, latent_size: int, cond_size: int, width: int, num_blocks: int, out_size: int | None = None
+        self,
+        latent_size: int,
+        cond_size: int,
+        width: int,
+        num_blocks: int,
+        out_size: int | None = None,
+        eps: float = 1e-5,
     ):
         super().__init__()
         self.width = width
         self.input_proj = nn.Linear(latent_size, width)
         self.time_embed = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
         self.cond_proj = nn.Linear(cond_size, width)
-        self.blocks = nn.ModuleList(AdaLNBlock(width) for _ in range(num_blocks))
-        self.final_norm = nn.LayerNorm(width, elementwise_affine=False)
+        self.blocks = nn.ModuleList(AdaLNBlock(width, eps) for _ in range(num_blocks))
+        self.final_norm = nn.LayerNorm(width, elementwise_affine=False, eps=eps)
         self.final_modulation = nn.Linear(width, 2 * width)
         self.out_proj = nn.Linear(width, out_size or latent_size)
         self.reset_parameters()

@@ -154,7 +154,9 @@ class DiffusionHead(GenerativeHead):
         d = cfg.diffusion
         num_blocks = resolve_num_blocks(d.num_blocks, num_backbone_layers)
         out_size = 2 * latent_size if d.learn_sigma else latent_size
-        self.net = AdaLNMLP(latent_size, hidden_size, cfg.width or hidden_size, num_blocks, out_size)
+        self.net = AdaLNMLP(
+            latent_size, hidden_size, cfg.width or hidden_size, num_blocks, out_size, eps=cfg.norm_eps
+        )
         # Plain attributes (not buffers): float64 on CPU, never cast by .to(dtype), not checkpointed.
         self.schedule = DiffusionSchedule.cosine(d.train_timesteps, d.cosine_offset, d.max_beta)
         self.sampling_schedule = self.schedule.respace(d.num_steps)

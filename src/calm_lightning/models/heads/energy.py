@@ -25,11 +25,11 @@ class EnergyBlock(nn.Module):
     collapse into one linear map. Params ~6 w^2: 2w^2 (fuse) + w^2 + 3w^2 (SwiGLU with hidden width w).
     """
 
-    def __init__(self, width: int):
+    def __init__(self, width: int, ffn_bias: bool = False, eps: float = 1e-5):
         super().__init__()
-        self.norm = nn.LayerNorm(width)
+        self.norm = nn.LayerNorm(width, eps=eps)
         self.fuse = nn.Sequential(nn.Linear(2 * width, width), nn.SiLU(), nn.Linear(width, width))
-        self.ffn = SwiGLU(width, width)
+        self.ffn = SwiGLU(width, width, bias=ffn_bias)
 
     def condition(self, c: torch.Tensor) -> torch.Tensor:
         """The condition's share of the fuse's first Linear, W_c c: [..., w] -> [..., w].
@@ -62,21 +62,28 @@ class EnergyHead(GenerativeHead):
         self.width = w
         self.noise_size = cfg.energy.noise_size
         self.noise_proj = nn.Linear(self.noise_size, w)
-        self.noise_norm = nn.LayerNorm(w)
+        eps = cfg.norm_eps
+        self.noise_norm = nn.LayerNorm(w, eps=eps)
         self.cond_proj = nn.Linear(hidden_size, w)
-        self.cond_norm = nn.LayerNorm(w)
+        self.cond_norm = nn.LayerNorm(w, eps=eps)
         num_blocks = resolve_num_blocks(cfg.energy.num_blocks, num_backbone_layers)
-        self.blocks = nn.ModuleList(EnergyBlock(w) for _ in range(num_blocks))
-        self.out_norm = nn.LayerNorm(w)
+        self.blocks = nn.ModuleList(EnergyBlock(w, cfg.energy.ffn_bias, eps) for _ in range(num_blocks))
+        self.out_norm = nn.LayerNorm(w, eps=eps)
         self.out_hidden = nn.Linear(w, w)
         self.out_act = nn.SiLU()
         self.out_proj = nn.Linear(w, latent_size)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """xavier-uniform Linears (``energy.init=xavier``) or N(0, 0.02) (``normal``, the reference's HF
+        init), zero biases, unit LayerNorms; the last Linear zero."""
+        normal = self.cfg.energy.init == "normal"
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
+                if normal:
+                    nn.init.normal_(m.weight, mean=0.0, std=0.02)
+                else:
+                    nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):

@@ -44,7 +44,8 @@ class FlowHead(GenerativeHead):
     Training: x_t = (1 - t) x0 + t x1, x0 ~ N(0, I), x1 = mu + sigma * eps (a posterior sample),
     t ~ U(0, 1); loss = mean_l ||v(x_t, t, h) - (x1 - x0)||^2, each hidden replicated N = cfg.num_samples
     times with its own x1, x0 and t, averaged over the N. Sampling integrates v from t = 0 to 1 with
-    cfg.flow.solver over cfg.flow.num_steps steps. The net sees t * cfg.flow.time_scale.
+    cfg.flow.solver over cfg.flow.num_steps steps. The net sees t * cfg.flow.time_scale (floored with
+    cfg.flow.discrete_time, as the reference code).
     """
 
     def __init__(self, hidden_size: int, latent_size: int, cfg: HeadConfig, num_backbone_layers: int):
@@ -54,11 +55,14 @@ class FlowHead(GenerativeHead):
                 f"unknown flow solver {cfg.flow.solver!r}; expected one of {sorted(SOLVER_EVALS)}"
             )
         num_blocks = resolve_num_blocks(cfg.flow.num_blocks, num_backbone_layers)
-        self.net = AdaLNMLP(latent_size, hidden_size, cfg.width or hidden_size, num_blocks)
+        self.net = AdaLNMLP(latent_size, hidden_size, cfg.width or hidden_size, num_blocks, eps=cfg.norm_eps)
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, cond_emb: torch.Tensor) -> torch.Tensor:
         """v(x_t, t | h). x: [B, l], t: [B] in [0, 1], cond_emb: [B, w] (``net.embed_condition``) -> [B, l] float32."""
-        return self.net(x, t * self.cfg.flow.time_scale, cond_emb).float()
+        time = t * self.cfg.flow.time_scale
+        if self.cfg.flow.discrete_time:  # the reference's net sees the integer part of 1000 t
+            time = time.floor()
+        return self.net(x, time, cond_emb).float()
 
     def loss(self, hidden: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
         """Flow-matching MSE per position. hidden: [P, D]; mu, log_sigma: [P, l] (constants) -> [P] float32."""
