@@ -105,3 +105,19 @@ def test_tokens_per_step_sets_accumulation_and_must_divide():
         accumulation(bad)
     with pytest.raises(CalmError, match="optim.tokens_per_step"):
         load_config(None, ["optim.tokens_per_step=-1"])
+
+
+@pytest.mark.parametrize(
+    ("typed", "resolved"), [("32", "32-true"), ("bf16", "bf16-mixed"), ("16", "16-mixed"), ("64", "64-true"),
+                            ("bf16-true", "bf16-true")]
+)
+def test_lightning_precision_aliases_are_accepted(tmp_path, typed, resolved):
+    from calm_lightning.utils.hardware import resolve_precision
+
+    cfg = to_object(load_config(None, [f"trainer.precision={typed}"]))
+    assert resolve_precision(cfg.trainer.precision, "cpu") == resolved
+    yaml = tmp_path / "p.yaml"
+    yaml.write_text("trainer:\n  precision: 32\n")  # an int in YAML, as users type it
+    assert resolve_precision(to_object(load_config(yaml)).trainer.precision, "cpu") == "32-true"
+    with pytest.raises(CalmError, match="trainer.precision"):
+        load_config(None, ["trainer.precision=8"])

@@ -177,3 +177,27 @@ def test_constant_schedule_warms_up_then_holds():
         assert [fn(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     fn = lr_lambda(OptimConfig(schedule="constant", warmup_steps=0), max_steps=100)
     assert fn(0) == 1.0
+
+
+def test_time_guard_stops_loudly_and_a_rerun_continues_to_max_steps(tiny_ar_run, capsys):
+    """A guard-stopped run says so (summary, calm eval --json); rerunning the same command continues it
+    with a fresh allowance (the guard counts this process's time, not the checkpoint's), and a run
+    that reaches its steps is complete again. The bar counts steps, not "Epoch 0/-2"."""
+    guard = ["logging.name=guarded", "logging.resume=true", "trainer.max_steps=4", "trainer.val_check_interval=4",
+             "trainer.checkpoint_every_n_steps=1"]
+    rc, out, _ = _train_variant(capsys, tiny_ar_run, *guard, "trainer.max_time_minutes=1e-6")
+    assert rc == 0
+    assert "stopped by the time guard at step 1 of 4" in " ".join(out.split())
+    rc, out, _ = run_cli(capsys, "eval", tiny_ar_run.runs_dir / "guarded" / "version_0", "--json")
+    budget = json.loads(out)["budget"]
+    assert budget == {"step": 1, "max_steps": 4, "complete": False, "stopped_by_time_guard": True,
+                      "note": "stopped by the time guard at step 1 of 4"}
+    # the same command again: one more step (the old guard restored its elapsed time and stopped at once)
+    rc, out, _ = _train_variant(capsys, tiny_ar_run, *guard, "trainer.max_time_minutes=1e-6")
+    assert rc == 0 and "stopped by the time guard at step 2 of 4" in " ".join(out.split())
+    rc, out, _ = _train_variant(capsys, tiny_ar_run, *guard, "trainer.max_time_minutes=30", "trainer.precision=32")
+    assert rc == 0 and "WARNING" not in out and "4 of 4" in out
+    assert "Epoch 0/-2" not in out and "Training (steps)" in out
+    rc, out, _ = run_cli(capsys, "eval", tiny_ar_run.runs_dir / "guarded" / "version_0", "--json")
+    assert json.loads(out)["budget"]["complete"] and not json.loads(out)["budget"]["stopped_by_time_guard"]
+    assert not (tiny_ar_run.runs_dir / "guarded" / "version_1").exists()

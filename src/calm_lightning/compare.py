@@ -58,8 +58,10 @@ class RunRecord:
     head: str | None  # energy | flow | diffusion; None for the token baseline
     chunk_size: int  # K (1 for the token baseline)
     step: int  # optimizer steps of the last checkpoint
+    max_steps: int  # the run's configured trainer.max_steps
     tokens_per_step: int  # batch x block x accumulation x devices
     train_flops_per_token: float  # flops.training_flops_per_token at data.block_size
+    budget_note: str = ""  # non-empty when the run did not train its configured steps (not comparable)
     curves: dict[str, Curve] = field(default_factory=dict)  # val/brierlm, val/brier1..n
     train_tokens_per_s: float | None = None  # mean of train/tokens_per_s (validation excluded)
     train_time_s: float | None = None  # wall time between the first and last logged event, per session
@@ -221,6 +223,8 @@ def load_run(path: str | Path, *, gen_tokens: int = 32, device: str = "auto") ->
         head=exp.model.head.name if kind == "calm" else None,
         chunk_size=loaded.chunk_size,
         step=loaded.step,
+        max_steps=exp.trainer.max_steps,
+        budget_note=loaded.budget.get("note", ""),
         tokens_per_step=exp.optim.tokens_per_step
         or exp.data.batch_size * exp.data.block_size * exp.optim.accumulate_grad_batches * world,
         train_flops_per_token=training_flops_per_token(model, seq_len=exp.data.block_size),
@@ -316,7 +320,7 @@ def runs_table(runs: Sequence[RunRecord]) -> str:
             r.label,
             r.model_name,
             str(r.chunk_size) if r.kind == "calm" else "—",
-            f"{r.step:,}",
+            f"{r.step:,}" if not r.budget_note else f"{r.step:,} of {r.max_steps:,} (cut short: not comparable)",
             _fmt(r.last("val/brierlm"), ".2f"),
             *(_fmt(r.last(f"val/brier{n}"), ".4f") for n in range(1, BRIER_COLUMNS + 1)),
             _fmt(r.head_params, ","),

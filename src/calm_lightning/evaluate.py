@@ -17,6 +17,7 @@ from calm_lightning.config.loader import load_config_from_dict
 from calm_lightning.errors import CalmError
 from calm_lightning.lit.autoencoder_module import AutoencoderLitModule
 from calm_lightning.lit.lm_modules import CALMLitModule, TokenLMLitModule
+from calm_lightning.callbacks.budget import GUARD_STATE_KEY, budget_status
 from calm_lightning.utils.hardware import resolve_precision
 from calm_lightning.utils.io import torch_file_problem
 
@@ -111,9 +112,12 @@ def evaluate(checkpoint: str | Path, overrides: list[str] = (), *, limit_batches
     )
     L.seed_everything(exp.trainer.seed, verbose=False)
     metrics = trainer.validate(module, datamodule=dm, verbose=False)[0]
+    step = int(blob.get("global_step", 0))
+    guard = blob.get("callbacks", {}).get(GUARD_STATE_KEY)
     return {
         "checkpoint": str(ckpt),
         "kind": kind,
-        "step": int(blob.get("global_step", 0)),
+        "step": step,
+        "budget": budget_status(step, exp.trainer.max_steps, guard),
         "metrics": {k: float(v) for k, v in sorted(metrics.items())},
     }

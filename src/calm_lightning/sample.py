@@ -37,6 +37,7 @@ class LoadedModel:
     step: int
     chunk_size: int  # K (1 for the baseline)
     device: torch.device
+    budget: dict = field(default_factory=dict)  # callbacks.budget.budget_status of the checkpoint
 
 
 @dataclass
@@ -128,8 +129,12 @@ def load_for_sampling(checkpoint: str | Path, device: str = "auto") -> LoadedMod
     tokenizer = load_tokenizer(find_tokenizer(exp, hparams.get("tokenizer_fingerprint", ""), max(K, 1)))
     module = MODULES[kind].load_from_checkpoint(ckpt, map_location="cpu")
     model = module.model.to(dev).eval()
-    step = int(torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True).get("global_step", 0))
-    return LoadedModel(model, tokenizer, special_ids(tokenizer).eos, kind, ckpt, step, K, dev)
+    from calm_lightning.callbacks.budget import GUARD_STATE_KEY, budget_status
+
+    blob = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+    step = int(blob.get("global_step", 0))
+    budget = budget_status(step, exp.trainer.max_steps, blob.get("callbacks", {}).get(GUARD_STATE_KEY))
+    return LoadedModel(model, tokenizer, special_ids(tokenizer).eos, kind, ckpt, step, K, dev, budget)
 
 
 class IncrementalDecoder:

@@ -15,11 +15,12 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from calm_lightning.artifacts import export_autoencoder, load_autoencoder
+from calm_lightning.callbacks.budget import StepProgressBar, TimeGuard, budget_status
 from calm_lightning.callbacks.hparams import HParamsSummary
 from calm_lightning.callbacks.reconstruction import ReconstructionExamples, RobustnessCurve
 from calm_lightning.callbacks.throughput import TokensPerSecond
@@ -128,7 +129,6 @@ def _make_trainer(exp: ExperimentConfig, strategy, logger, callbacks, quiet: boo
         strategy=strategy,
         precision=resolve_precision(t.precision, t.accelerator),
         max_steps=t.max_steps,
-        max_time={"minutes": t.max_time_minutes} if t.max_time_minutes > 0 else None,
         # the schema counts optimizer steps; Lightning counts batches
         val_check_interval=t.val_check_interval * accumulate,
         check_val_every_n_epoch=None,
@@ -182,9 +182,10 @@ def train(cfg: DictConfig, *, quiet: bool = False, callbacks: list[L.Callback] |
         LearningRateMonitor(logging_interval="step"),
         throughput,
         HParamsSummary(config),  # TensorBoard's HParams tab compares runs by their config
+        guard := TimeGuard(exp.trainer.max_time_minutes),  # a safety net; budgets are in steps
     ]
     if not quiet:
-        callbacks.append(RichProgressBar(leave=True))
+        callbacks.append(StepProgressBar(leave=True))
     if kind == "autoencoder":
         callbacks += [ReconstructionExamples(dm.tokenizer), RobustnessCurve()]
     else:
@@ -201,7 +202,7 @@ def train(cfg: DictConfig, *, quiet: bool = False, callbacks: list[L.Callback] |
         trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
         has_val = any(k.startswith("val/") for k in trainer.callback_metrics)
         if not has_val or trainer.global_step % exp.trainer.val_check_interval:
-            # stopped between validations (max_time), or resumed a finished run: the summary and the
+            # stopped between validations (time guard), or resumed a finished run: the summary and the
             # export need metrics of the final weights
             trainer.validate(module, datamodule=dm, verbose=False)
     elapsed = time.perf_counter() - start
@@ -211,6 +212,7 @@ def train(cfg: DictConfig, *, quiet: bool = False, callbacks: list[L.Callback] |
         "kind": kind,
         "run_dir": str(run_dir),
         "global_step": trainer.global_step,
+        "budget": budget_status(trainer.global_step, exp.trainer.max_steps, guard.state_dict()),
         "wall_time_s": elapsed,
         "train_tokens_per_s": throughput.mean_tokens_per_s,
         "mfu": throughput.mean_mfu,

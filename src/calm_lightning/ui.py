@@ -35,7 +35,8 @@ def print_run_summary(result: dict[str, Any]) -> None:
     rows = [
         ("model", result["kind"]),
         ("run directory", result["run_dir"]),
-        ("steps", _fmt(result["global_step"])),
+        ("steps", f"{result['global_step']:,} of {result['budget']['max_steps']:,}" if "budget" in result
+         else _fmt(result["global_step"])),
         ("trainable parameters", _fmt(result["parameters"])),
         ("wall time", f"{result['wall_time_s'] / 60:.1f} min"),
         ("training tokens/s", f"{result['train_tokens_per_s']:.0f}" if result["train_tokens_per_s"] > 0
@@ -49,6 +50,10 @@ def print_run_summary(result: dict[str, Any]) -> None:
     if "export" in result:
         rows.append(("exported autoencoder", result["export"]))
     print_table("Training summary", rows)
+    note = result.get("budget", {}).get("note")
+    if note:  # a cut-short run must not pass for a finished one
+        console.print(f"[bold red]WARNING: {note}; rerun the same command to continue to the configured steps."
+                      "[/bold red]")
 
 
 def print_eval(result: dict[str, Any]) -> None:
@@ -57,6 +62,9 @@ def print_eval(result: dict[str, Any]) -> None:
         shown = f"{100 * v:.2f}%" if any(s in k for s in _PERCENT_KEYS) else _fmt(v)
         rows.append((k, shown))
     print_table("Evaluation", rows)
+    note = result.get("budget", {}).get("note")
+    if note:
+        console.print(f"[bold red]WARNING: the checkpoint's run is incomplete: {note}.[/bold red]")
 
 
 def print_sample_header(loaded, gcfg) -> None:

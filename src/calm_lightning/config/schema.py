@@ -13,6 +13,13 @@ from calm_lightning.models.config import AutoencoderConfig, BackboneConfig, Head
 MODEL_KINDS = ("autoencoder", "calm", "ar")
 SCHEDULES = ("constant", "constant_with_warmup", "cosine")
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "bf16-true", "16-mixed", "64-true")
+# Lightning's short names, accepted as typed and mapped as Lightning maps them.
+PRECISION_ALIASES = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "64": "64-true"}
+
+
+def canonical_precision(precision: str) -> str:
+    """``trainer.precision`` with Lightning's aliases (32, 16, bf16, 64) spelled out."""
+    return PRECISION_ALIASES.get(str(precision), str(precision))
 SAMPLERS = ("exact", "batch")
 
 
@@ -73,9 +80,13 @@ class TrainerConfig:
     devices: str = "1"  # an int as text, or "auto"
     num_nodes: int = 1
     strategy: str = "auto"  # auto | ddp | fsdp | ...
-    precision: str = "auto"  # auto = bf16-mixed where bf16 matmuls are fast (GPU, AVX512_BF16/AMX CPU), else 32-true
+    # auto = bf16-mixed where bf16 matmuls are fast (GPU, AVX512_BF16/AMX CPU), else 32-true;
+    # Lightning's aliases 32 / bf16 / 16 / 64 are accepted
+    precision: str = "auto"
     max_steps: int = 1000
-    max_time_minutes: float = 0.0  # stop after this wall-clock time; 0 = no limit
+    # safety net: stop after this process has trained this long (a resumed run gets the full time
+    # again); 0 = no limit. Budgets are max_steps; a guard-stopped run says so in its summary.
+    max_time_minutes: float = 0.0
     val_check_interval: int = 250  # validate every this many optimizer steps
     limit_val_batches: int = 0  # 0 = the whole validation split
     log_every_n_steps: int = 10
@@ -181,7 +192,8 @@ def validate(cfg: ExperimentConfig) -> list[str]:
     errs += _check(o.tokens_per_step >= 0, "optim.tokens_per_step", f"must be >= 0 (0 = off), got {o.tokens_per_step}")
     errs += _check(o.accumulate_grad_batches >= 1, "optim.accumulate_grad_batches", f"must be >= 1, got {o.accumulate_grad_batches}")
     t = cfg.trainer
-    errs += _check(t.precision in PRECISIONS, "trainer.precision", f"must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
+    errs += _check(canonical_precision(t.precision) in PRECISIONS, "trainer.precision",
+                   f"must be one of {', '.join(PRECISIONS)} (or 32, 16, bf16, 64), got {t.precision!r}")
     errs += _check(t.max_steps >= 1, "trainer.max_steps", f"must be >= 1, got {t.max_steps}")
     errs += _check(t.val_check_interval >= 1, "trainer.val_check_interval", f"must be >= 1, got {t.val_check_interval}")
     errs += _check(t.peak_flops >= 0, "trainer.peak_flops", f"must be >= 0, got {t.peak_flops}")

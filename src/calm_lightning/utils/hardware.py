@@ -23,7 +23,11 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def resolve_precision(precision: str, accelerator: str = "auto") -> str:
-    """Map ``auto`` to bf16-mixed where bf16 is fast (recent GPUs, bf16-capable CPUs), else 32-true."""
+    """Map ``auto`` to bf16-mixed where bf16 is fast (recent GPUs, bf16-capable CPUs), else 32-true;
+    Lightning's aliases (32, bf16, ...) to their full names."""
+    from calm_lightning.config.schema import canonical_precision
+
+    precision = canonical_precision(precision)
     if precision != "auto":
         return precision
     if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
