@@ -13,11 +13,11 @@ import lightning as L
 import torch
 from omegaconf import OmegaConf
 
+from calm_lightning.callbacks.budget import GUARD_STATE_KEY, budget_status
 from calm_lightning.config.loader import load_config_from_dict
 from calm_lightning.errors import CalmError
 from calm_lightning.lit.autoencoder_module import AutoencoderLitModule
 from calm_lightning.lit.lm_modules import CALMLitModule, TokenLMLitModule
-from calm_lightning.callbacks.budget import GUARD_STATE_KEY, budget_status
 from calm_lightning.utils.hardware import resolve_precision
 from calm_lightning.utils.io import torch_file_problem
 
