@@ -476,3 +476,34 @@ def test_datamodule_refuses_resume_with_another_tokenizer(cfgs) -> None:
             {"tokenizer_fingerprint": "0" * 64, "corpus_fingerprint": dm.meta["corpus_fingerprint"]}
         )
     json.dumps(dm.state_dict())  # checkpoint state stays plain data
+
+
+def test_eval_corpus_scores_every_document_with_the_run_tokenizer(cfgs, tmp_path: Path) -> None:
+    """eval.corpus: the whole external corpus, encoded with the data's tokenizer (EOS after each
+    document, as the shards), cut into blocks; the tail becomes one shorter block of whole chunks."""
+    import dataclasses
+
+    data_cfg, tok_cfg = cfgs
+    dm = _datamodule(data_cfg, tok_cfg)
+    ext = tmp_path / "external"
+    ext.mkdir()
+    texts = ["to be or not to be that is the question", "the king is dead, long live the king", "a b c"]
+    for i, t in enumerate(texts):
+        (ext / f"t{i}.txt").write_text(t + "\n", encoding="utf-8")
+    blocks = dm.use_eval_corpus(dataclasses.replace(data_cfg, corpus=str(ext)))
+    assert dm.eval_corpus_docs == 3
+    from calm_lightning.data.corpus import load_corpus
+
+    docs = load_corpus(dataclasses.replace(data_cfg, corpus=str(ext)))
+    expected = []
+    for d in docs:
+        expected += dm.tokenizer.encode(d.text, add_special_tokens=False).ids + [dm.special_ids.eos]
+    got = torch.cat([b.flatten() for b in dm.val_dataloader()]).tolist()
+    tail = (len(expected) % 32) // 4 * 4
+    assert got == expected[: len(expected) // 32 * 32 + (tail if tail >= 8 else 0)]
+    assert len(expected) - blocks.num_tokens < 32 and all(b.shape[1] % 4 == 0 for b in dm.val_dataloader())
+    with pytest.raises(CalmError):
+        (ext / "t0.txt").write_text("", encoding="utf-8")
+        (ext / "t1.txt").write_text("", encoding="utf-8")
+        (ext / "t2.txt").write_text("a", encoding="utf-8")
+        dm.use_eval_corpus(dataclasses.replace(data_cfg, corpus=str(ext)))

@@ -58,6 +58,41 @@ class TokenBlocks(Dataset):
         return {**self.__dict__, "_tokens": None}
 
 
+class StreamBlocks(Dataset):
+    """An in-memory token stream cut into ``block_size`` blocks, the tail kept as one shorter block.
+
+    For scoring a whole external test set (``eval.corpus``): every token is covered except fewer than
+    ``multiple`` (K) tokens at the very end, and a tail shorter than ``min_tail`` tokens (one context
+    chunk plus one to predict) is dropped. ``batches(batch_size)`` puts the tail in a batch of its own,
+    since blocks of one batch must have one length.
+    """
+
+    def __init__(self, stream: torch.Tensor, block_size: int, multiple: int, min_tail: int) -> None:
+        self.stream, self.block_size = stream.long(), block_size
+        self.num_full = stream.numel() // block_size
+        tail = (stream.numel() - self.num_full * block_size) // multiple * multiple
+        self.tail = tail if tail >= min_tail else 0
+
+    def __len__(self) -> int:
+        return self.num_full + (1 if self.tail else 0)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        """LongTensor [block_size] (the tail: [tail])."""
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        start = i * self.block_size
+        length = self.block_size if i < self.num_full else self.tail
+        return self.stream[start : start + length]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_full * self.block_size + self.tail
+
+    def batches(self, batch_size: int) -> list[list[int]]:
+        full = [list(range(i, min(i + batch_size, self.num_full))) for i in range(0, self.num_full, batch_size)]
+        return full + ([[self.num_full]] if self.tail else [])
+
+
 class EpochShuffleSampler(RandomSampler):
     """A permutation of the blocks drawn from (seed, epoch) that also sets the epoch's block offset.
 
@@ -141,7 +176,8 @@ class TokenChunkDataModule(L.LightningDataModule):
         self._tokenizer: Tokenizer | None = None
         self._resumed_state: dict[str, Any] | None = None
         self.train_set: TokenBlocks | None = None
-        self.val_set: TokenBlocks | None = None
+        self.val_set: TokenBlocks | StreamBlocks | None = None
+        self.eval_corpus_docs = 0  # documents of the eval corpus, once use_eval_corpus ran
 
     def prepare_data(self) -> None:
         # Once per process: callers prepare before sizing the model, then Lightning calls this hook
@@ -179,9 +215,31 @@ class TokenChunkDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return 0 if trainer is None else trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
+    def use_eval_corpus(self, corpus_cfg: DataConfig) -> StreamBlocks:
+        """Score ``corpus_cfg.corpus`` in full instead of the validation split (``calm eval``'s
+        ``eval.corpus``): every document of it, encoded with this data's tokenizer and separated by
+        end-of-text as the shards are, no train/validation re-split. Returns the new validation set."""
+        from calm_lightning.data.corpus import load_corpus
+        from calm_lightning.data.shards import encode_documents
+
+        docs = load_corpus(corpus_cfg)
+        dtype = np.dtype(self.meta["dtype"])
+        pieces = [ids for ids, _ in encode_documents(self.tokenizer, docs, self.special_ids.eos, dtype)]
+        stream = torch.from_numpy(np.concatenate(pieces).astype(np.int64))
+        blocks = StreamBlocks(stream, self.data_cfg.block_size, self.chunk_size, 2 * self.chunk_size)
+        if len(blocks) == 0:
+            raise CalmError(
+                f"eval corpus {corpus_cfg.corpus!r} has {stream.numel()} tokens, fewer than two chunks of K={self.chunk_size}"
+            )
+        self.val_set = blocks
+        self.eval_corpus_docs = len(docs)
+        return blocks
+
     def val_dataloader(self) -> DataLoader:
         dataset = self._require(self.val_set)
         batch_size = self.data_cfg.val_batch_size or self.data_cfg.batch_size
+        if isinstance(dataset, StreamBlocks):
+            return DataLoader(dataset, batch_sampler=dataset.batches(batch_size), num_workers=self.data_cfg.num_workers)
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -256,7 +314,7 @@ class TokenChunkDataModule(L.LightningDataModule):
             warnings.warn("resuming on a different corpus than the checkpoint was trained on", stacklevel=2)
 
     @staticmethod
-    def _require(dataset: TokenBlocks | None) -> TokenBlocks:
+    def _require(dataset: TokenBlocks | StreamBlocks | None) -> TokenBlocks | StreamBlocks:
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
         return dataset
