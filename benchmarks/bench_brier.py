@@ -117,9 +117,12 @@ def loop_estimate(model, tokens: torch.Tensor, unit: int, generator: torch.Gener
 
 
 def batched_estimate(model, tokens, unit, generator):
+    """Batch totals [MAX_N] of the batched estimators (which return one row per block)."""
     if isinstance(model, CALM):
-        return calm_rollout_estimate(model, tokens, MAX_N, generator=generator)
-    return token_two_sample_estimate(model, tokens, MAX_N, generator=generator)
+        sums, counts = calm_rollout_estimate(model, tokens, MAX_N, generator=generator)
+    else:
+        sums, counts = token_two_sample_estimate(model, tokens, MAX_N, generator=generator)
+    return sums.sum(0), counts.sum(0)
 
 
 def calm_draw_seconds(model: CALM, tokens: torch.Tensor, generator: torch.Generator) -> float:

@@ -30,7 +30,12 @@ from calm_lightning.metrics import (
 )
 from calm_lightning.metrics import estimators as est
 from calm_lightning.metrics.estimators import inverse_cdf_sample
-from calm_lightning.metrics.functional import exclusive_cumprod, ngram_valid_mask, ngram_windows
+from calm_lightning.metrics.functional import (
+    exclusive_cumprod,
+    ngram_valid_mask,
+    ngram_windows,
+    sample_brier_terms,
+)
 from calm_lightning.models import (
     CALM,
     HEADS,
@@ -44,6 +49,7 @@ from calm_lightning.models import (
 
 MAX_N = 4
 Z_TOL = 5.0  # statistical tolerance in standard errors
+POINT_KEYS = [f"brier{n}" for n in range(1, MAX_N + 1)] + ["brierlm"]
 
 
 # ==================================================================================================
@@ -134,8 +140,14 @@ def test_metric_running_sums_equal_one_big_batch():
     big = BrierLM(max_n=MAX_N)
     big.update(total_s, total_c)
     got, want = metric.compute(), big.compute()
-    for k in want:
+    for k in POINT_KEYS:
         assert torch.allclose(got[k], want[k], rtol=1e-12, atol=0)
+    # five 1-D updates are five blocks: the same as one [5, max_n] update, intervals included
+    stacked = BrierLM(max_n=MAX_N)
+    stacked.update(torch.stack([s for s, _ in batches]), torch.stack([c for _, c in batches]))
+    for k, v in stacked.compute().items():
+        assert torch.allclose(got[k], v, rtol=1e-12, atol=1e-15), k
+    assert torch.isnan(want["brier1_se"])  # one block: no spread to estimate
     # not a mean of batch means
     mean_of_means = torch.stack([s / c for s, c in batches]).mean(0)
     assert not torch.allclose(got["brier1"], mean_of_means[0])
@@ -153,12 +165,16 @@ def test_metric_with_estimator_batches_equal_full_batch():
     parts = BrierLM(MAX_N)
     for rows in (slice(0, 2), slice(2, 6)):
         parts.update(*token_two_sample_estimate(model, tokens[rows], MAX_N, uniforms=u[rows]))
-    assert torch.equal(whole.sums, parts.sums) and torch.equal(whole.counts, parts.counts)
+    for name in ("sums", "counts", "blocks", "sum_ss", "sum_sn", "sum_nn"):
+        assert torch.allclose(getattr(whole, name), getattr(parts, name), rtol=1e-12, atol=0), name
+    assert whole.blocks.tolist() == [6] * MAX_N
 
 
 def test_metric_rejects_wrong_shapes():
     with pytest.raises(ValueError):
         BrierLM(4).update(torch.zeros(3), torch.zeros(3))
+    with pytest.raises(ValueError):
+        BrierLM(4).update(torch.zeros(2, 4), torch.zeros(3, 4))
 
 
 _DDP_SCRIPT = textwrap.dedent(
@@ -357,7 +373,7 @@ def _token_runs(model_fn, estimator, tokens):
     big = tokens.repeat(REPS, 1)  # REPS independent replicates per seed
 
     def fn(g):
-        return estimator(model_fn(big), big, MAX_N, generator=g)[0] / REPS
+        return estimator(model_fn(big), big, MAX_N, generator=g)[0].sum(0) / REPS
 
     return fn
 
@@ -408,14 +424,14 @@ def test_calm_estimators_unbiased(toy, K):
     big = tokens.repeat(REPS, 1)
 
     def run(model):
-        return lambda g: estimator(model, big, MAX_N, generator=g)[0] / REPS
+        return lambda g: estimator(model, big, MAX_N, generator=g)[0].sum(0) / REPS
 
     mean, se = _replicate_stats(run(BigramCALM(table, K)), SEEDS)
     assert _within(mean, se, exact).all(), (mean, exact, se)
     _, counts = estimator(BigramCALM(table, K), tokens, MAX_N)
     L = 12 // K
-    want = [sum(1 for j in range(L - 1) if (j + 1) * K + n <= 12) * B_TOY for n in range(1, MAX_N + 1)]
-    assert counts.tolist() == want
+    want = [sum(1 for j in range(L - 1) if (j + 1) * K + n <= 12) for n in range(1, MAX_N + 1)]
+    assert counts.tolist() == [want] * B_TOY  # one row per sequence
     if K < MAX_N:  # rollouts along the true prefix are caught
         wrong, wrong_se = _replicate_stats(run(BigramCALM(table, K, true_tokens=big)), SEEDS)
         first_rollout_n = K  # n <= K is decided within the first chunk
@@ -450,6 +466,113 @@ def test_dispatcher_routes(toy):
     assert counts.sum() == 0 and sums.abs().sum() == 0
 
 
+# CALM with S >= 2 head samples: the U-statistic ------------------------------------------------
+
+
+def test_sample_brier_terms_hand_made():
+    y = torch.tensor([1, 2, 3])
+    x = torch.tensor([[1, 2, 3], [1, 2, 0], [1, 9, 3], [4, 2, 3]])  # S = 4
+    acc, coll = sample_brier_terms(x, y, 3)
+    # hits per n: n=1 rows 0,1,2; n=2 rows 0,1; n=3 row 0 -> 2/4 * [3, 2, 1]
+    assert acc.tolist() == [1.5, 1.0, 0.5]
+    # agreeing pairs of 6: n=1 (0,1),(0,2),(1,2); n=2 (0,1); n=3 none -> [3, 1, 0] / 6
+    assert torch.allclose(coll, torch.tensor([0.5, 1 / 6, 0.0], dtype=coll.dtype))
+    # S = 2 is the two-sample form 1{x1=y} + 1{x2=y} - 1{x1=x2} (brier_indicator_sums)
+    g = torch.Generator().manual_seed(0)
+    x1, x2, yy = (torch.randint(0, 2, (50, 4), generator=g) for _ in range(3))
+    a2, c2 = sample_brier_terms(torch.stack([x1, x2], 1), yy, 4)
+    assert torch.equal((a2 - c2).sum(0), brier_indicator_sums(x1, x2, yy, 4))
+    with pytest.raises(ValueError):
+        sample_brier_terms(x[:1], y, 3)
+
+
+@pytest.mark.parametrize("K,S", [(4, 3), (4, 8), (2, 4), (1, 3)])
+def test_calm_s_sample_estimators_unbiased(toy, K, S):
+    """K >= max_n: S samples per chunk; K < max_n: S branches per start (rollout)."""
+    table, _, _ = toy
+    tokens = _true_tokens(table, B_TOY, 12, seed=5)
+    exact = _exact_sums(table, tokens, K, MAX_N)
+    big = tokens.repeat(REPS, 1)
+
+    def run(model):
+        return lambda g: estimate_brier(model, big, MAX_N, generator=g, num_samples=S)[0].sum(0) / REPS
+
+    mean, se = _replicate_stats(run(BigramCALM(table, K)), SEEDS)
+    assert _within(mean, se, exact).all(), (mean, exact, se)
+    if K < MAX_N:  # branches rolled out along the true prefix are caught
+        wrong, wrong_se = _replicate_stats(run(BigramCALM(table, K, true_tokens=big)), SEEDS)
+        assert not _within(wrong[K:], wrong_se[K:], exact[K:]).any()
+
+
+def _u_statistic_variance(table: torch.Tensor, tokens: torch.Tensor, K: int, S: int) -> torch.Tensor:
+    """Exact variance (given the text) of the S-sample Brier-n estimate summed over the chunk-aligned
+    starts of BigramCALM with K >= MAX_N, from the U-statistic variance formula (Hoeffding):
+        Var U_S = (4 (S-2) zeta_1 + 2 zeta_2) / (S (S-1)),  zeta_1 = Var_x1 E_x2 h,  zeta_2 = Var h,
+    h(x1, x2) = 1{x1 = y} + 1{x2 = y} - 1{x1 = x2} on the n-gram, all 4-grams x enumerated."""
+    V = table.shape[0]
+    grams = torch.cartesian_prod(*[torch.arange(V)] * MAX_N)  # [M, 4]
+    B, T = tokens.shape
+    ctx = tokens.view(B, T // K, K)[:, :-1, -1].reshape(-1)  # [Pos] last context token of each start
+    y = tokens.view(B, T // K, K)[:, 1:, :MAX_N].reshape(-1, MAX_N)  # [Pos, 4]
+    prev = torch.cat([ctx[:, None].expand(-1, grams.shape[0])[..., None], grams.expand(len(ctx), -1, -1)], -1)
+    prob = table[prev[..., :-1], prev[..., 1:]].prod(-1)  # [Pos, M] P(x_{1:4} | c)
+    total = torch.zeros(MAX_N, dtype=torch.float64)
+    for n in range(1, MAX_N + 1):
+        same = (grams[:, None, :n] == grams[None, :, :n]).all(-1).double()  # [M, M] same n-prefix
+        a = (grams[None, :, :n] == y[:, None, :n]).all(-1).double()  # [Pos, M]
+        p_prefix = prob @ same  # [Pos, M] P(x_{1:n}) of each gram's prefix
+        g1 = a - p_prefix  # E_x2 h(x1, x2) - P(y_{1:n})
+        zeta1 = (prob * g1**2).sum(-1) - (prob * g1).sum(-1) ** 2
+        h = a[:, :, None] + a[:, None, :] - same  # [Pos, M, M]
+        w = prob[:, :, None] * prob[:, None, :]
+        zeta2 = (w * h**2).sum((-2, -1)) - (w * h).sum((-2, -1)) ** 2
+        total[n - 1] = ((4 * (S - 2) * zeta1 + 2 * zeta2) / (S * (S - 1))).sum()
+    return total
+
+
+def test_calm_variance_falls_with_s_as_theory_says(toy):
+    """var(S) of the summed estimate over 60 seeds against the exact U-statistic variance.
+
+    Tolerance: the sample variance over R = 60 seeds is var * chi2_59 / 59, in [0.52, 1.67] with
+    probability 99.8% (Wilson-Hilferty), hence [0.5, 1.7]; the observed ratio var(8)/var(2) is then
+    within theory * [0.3, 3.3], and theory here is <= 0.25 (zeta_1 <= zeta_2 / 2), so S = 8 is
+    clearly below S = 2 whenever both agree with theory."""
+    table, _, _ = toy
+    tokens = _true_tokens(table, B_TOY, 12, seed=5)
+    big = tokens.repeat(REPS, 1)
+    model = BigramCALM(table, 4)
+    observed, theory = {}, {}
+    for S in (2, 8):
+        runs = torch.stack(
+            [
+                calm_chunk_estimate(
+                    model, big, MAX_N, generator=torch.Generator().manual_seed(500 + r), num_samples=S
+                )[0].sum(0)
+                for r in range(60)
+            ]
+        )
+        observed[S], theory[S] = runs.var(0), _u_statistic_variance(table.double(), big, 4, S)
+        ratio = observed[S] / theory[S]
+        assert ((0.5 <= ratio) & (ratio <= 1.7)).all(), (S, ratio)
+    assert (theory[8] / theory[2] <= 0.25).all()
+    assert (observed[8] < 0.5 * observed[2]).all(), observed[8] / observed[2]
+
+
+def test_calm_s2_is_the_two_sample_estimator(toy):
+    """num_samples=2 (the default) reproduces the two-sample estimate draw for draw."""
+    table, _, _ = toy
+    tokens = _true_tokens(table, B_TOY, 12, seed=5)
+    for K in (2, 4):
+        model = BigramCALM(table, K)
+        default = estimate_brier(model, tokens, MAX_N, generator=torch.Generator().manual_seed(3))
+        explicit = estimate_brier(
+            model, tokens, MAX_N, generator=torch.Generator().manual_seed(3), num_samples=2
+        )
+        assert torch.equal(default[0], explicit[0]) and torch.equal(default[1], explicit[1])
+    with pytest.raises(CalmError):
+        estimate_brier(model, tokens, MAX_N, num_samples=1)
+
+
 def test_inverse_cdf_sample():
     probs = torch.tensor([[0.2, 0.0, 0.8], [0.0, 1.0, 0.0]])
     u = torch.tensor([[0.0, 0.19, 0.21, 0.999], [0.0, 0.3, 0.6, 0.9999]])
@@ -466,10 +589,11 @@ def _tiny_backbone() -> BackboneConfig:
 
 
 def _reference_token(model, tokens, max_n, u, low_variance):
-    """Straightforward per-position Brier-n: a separate forward for every context (no cache, no mask)."""
+    """Straightforward per-position Brier-n: a separate forward for every context (no cache, no mask).
+    Returns per-sequence (block) sums and counts [B, max_n] and the accuracy/collision totals [max_n]."""
     B, T = tokens.shape
-    sums = torch.zeros(max_n, dtype=torch.float64)
-    counts = torch.zeros(max_n, dtype=torch.long)
+    sums = torch.zeros(B, max_n, dtype=torch.float64)
+    counts = torch.zeros(B, max_n, dtype=torch.long)
     acc_total = torch.zeros(max_n, dtype=torch.float64)  # to check that the test exercises both terms
     coll_total = torch.zeros(max_n, dtype=torch.float64)
 
@@ -500,8 +624,8 @@ def _reference_token(model, tokens, max_n, u, low_variance):
                 else:
                     acc = sum(all(tf_pairs[j + k][s] == target[k] for k in range(n)) for s in range(2))
                     coll = math.prod(agree[:n])
-                sums[n - 1] += acc - coll
-                counts[n - 1] += 1
+                sums[b, n - 1] += acc - coll
+                counts[b, n - 1] += 1
                 acc_total[n - 1] += acc
                 coll_total[n - 1] += coll
     return sums, counts, acc_total, coll_total
@@ -531,7 +655,7 @@ def test_token_batched_rollout_matches_per_position_loop(low_variance):
     estimator = token_low_variance_estimate if low_variance else token_two_sample_estimate
     sums, counts = estimator(model, tokens, MAX_N, uniforms=u)
     ref_sums, ref_counts, acc, coll = _reference_token(model, tokens, MAX_N, u, low_variance)
-    assert counts.tolist() == ref_counts.tolist() == [B * (T - n) for n in range(1, MAX_N + 1)]
+    assert counts.tolist() == ref_counts.tolist() == [[T - n for n in range(1, MAX_N + 1)]] * B
     if low_variance:
         assert torch.allclose(sums, ref_sums, atol=1e-5)
     else:
@@ -612,8 +736,8 @@ def test_calm_batched_rollout_matches_per_position_loop(K, monkeypatch):
 
     sums, counts = calm_rollout_estimate(model, tokens, MAX_N, draw=recording_draw)
 
-    ref_sums = torch.zeros(MAX_N, dtype=torch.float64)
-    ref_counts = torch.zeros(MAX_N, dtype=torch.long)
+    ref_sums = torch.zeros(B, MAX_N, dtype=torch.float64)  # per sequence (block)
+    ref_counts = torch.zeros(B, MAX_N, dtype=torch.long)
     acc_total = torch.zeros(MAX_N)
     coll_total = torch.zeros(MAX_N)
     with torch.no_grad():
@@ -639,12 +763,79 @@ def test_calm_batched_rollout_matches_per_position_loop(K, monkeypatch):
                         bool((torch.cat([tf[j + c][s] for c in range(math.ceil(n / K))])[:n] == target).all())
                         for s in range(2)
                     )
-                    ref_sums[n - 1] += acc - float(all(agree[:n]))
-                    ref_counts[n - 1] += 1
+                    ref_sums[b, n - 1] += acc - float(all(agree[:n]))
+                    ref_counts[b, n - 1] += 1
                     acc_total[n - 1] += acc
                     coll_total[n - 1] += float(all(agree[:n]))
     assert counts.tolist() == ref_counts.tolist()
     assert sums.tolist() == ref_sums.tolist()
+    assert (acc_total > 0).all() and (coll_total > 0).all()  # both terms are exercised up to n = 4
+
+
+@pytest.mark.parametrize("K", [1, 3])
+def test_calm_s_branch_rollout_matches_per_position_loop(K, monkeypatch):
+    """S = 3 > 2 with K < max_n: S branches per start, each continued with its own sample, against a
+    plain loop (a separate forward per branch context, no cache or mask) with the same keyed draws."""
+    V, B, L, S = 6, 2, 5, 3
+    model = _tiny_calm(K, V, monkeypatch)
+    T, R = L * K, math.ceil(MAX_N / K)
+    g = torch.Generator().manual_seed(5)
+    D, lat = model.backbone_cfg.d_model, model.latent_size
+    W = torch.randn(D, lat, generator=g)
+    noise = torch.randn(B, (L - 1) * S, R, S, lat, generator=g) * 0.3  # key: (row, branch row, step, sample)
+    tokens = torch.randint(0, V, (B, K), generator=g)
+    with torch.no_grad():  # true text drawn from the model (same W, fresh noise): n-gram hits occur
+        while tokens.shape[1] < T:
+            z = model.hidden_states(tokens)[:, -1] @ W + 0.3 * torch.randn(B, lat, generator=g)
+            tokens = torch.cat([tokens, model.autoencoder.decode(z)], 1)
+
+    def keyed(h, b, row, r):  # h: [D] -> [S, K]
+        return model.autoencoder.decode((h @ W)[None] + noise[b, row, r])
+
+    recorded = {}
+
+    def batched(h, r):  # step 0: rows = starts; step r > 0: rows = branches j*S + s
+        recorded[r] = h.clone()
+        N = h.shape[1]
+        return model.autoencoder.decode((h @ W)[:, :, None] + noise[:, :N, r])  # [B, N, S, K]
+
+    sums, counts = calm_rollout_estimate(model, tokens, MAX_N, draw=batched, num_samples=S)
+
+    ref_sums = torch.zeros(B, MAX_N, dtype=torch.float64)
+    ref_counts = torch.zeros(B, MAX_N, dtype=torch.long)
+    acc_total, coll_total = torch.zeros(MAX_N), torch.zeros(MAX_N)
+    with torch.no_grad():
+        for b in range(B):
+            y = tokens[b]
+            tf = [keyed(model.hidden_states(y[None, : (j + 1) * K])[0, -1], b, j, 0) for j in range(L - 1)]
+            for j in range(L - 1):
+                paths = [tf[j][s].tolist() for s in range(S)]  # branch s starts with teacher sample s
+                for r in range(1, R):
+                    if j + 1 + r > L - 1:
+                        break
+                    for s in range(S):
+                        ctx = torch.cat([y[: (j + 1) * K], torch.tensor(paths[s])])
+                        h = model.hidden_states(ctx[None])[0, -1]
+                        assert torch.allclose(recorded[r][b, j * S + s], h, atol=1e-5), (r, b, j, s)
+                        paths[s] += keyed(h, b, j * S + s, r)[0].tolist()  # sample 0 of the branch's draw
+                for n in range(1, MAX_N + 1):
+                    start = (j + 1) * K
+                    if start + n > T:
+                        continue
+                    target = y[start : start + n].tolist()
+                    along = [
+                        torch.cat([tf[j + c][s] for c in range(math.ceil(n / K))])[:n].tolist()
+                        for s in range(S)
+                    ]
+                    acc = 2 / S * sum(along[s] == target for s in range(S))
+                    pairs = [(s, t) for s in range(S) for t in range(s + 1, S)]
+                    coll = sum(paths[s][:n] == paths[t][:n] for s, t in pairs) / len(pairs)
+                    ref_sums[b, n - 1] += acc - coll
+                    ref_counts[b, n - 1] += 1
+                    acc_total[n - 1] += acc
+                    coll_total[n - 1] += coll
+    assert counts.tolist() == ref_counts.tolist()
+    assert torch.allclose(sums, ref_sums, atol=1e-12)
     assert (acc_total > 0).all() and (coll_total > 0).all()  # both terms are exercised up to n = 4
 
 
@@ -655,8 +846,8 @@ def test_estimate_brier_on_real_calm_and_token_lm(K, monkeypatch):
     calm = _tiny_calm(K, V, monkeypatch)
     tokens = torch.randint(0, V, (2, 4 * K))
     sums, counts = estimate_brier(calm, tokens, MAX_N, generator=torch.Generator().manual_seed(0))
-    assert sums.shape == counts.shape == (MAX_N,)
-    assert counts[0] == 2 * 3
+    assert sums.shape == counts.shape == (2, MAX_N)
+    assert counts[:, 0].tolist() == [3, 3]
     assert not any(p.grad is not None for p in calm.parameters())
     lm = TokenLM(_tiny_backbone(), vocab_size=V).eval()
     metric = BrierLM(MAX_N)

@@ -42,7 +42,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from calm_lightning.evaluate import evaluate
+    from calm_lightning.evaluate import display_metrics, evaluate
     from calm_lightning.ui import print_eval
 
     result = evaluate(args.checkpoint, args.overrides, limit_batches=args.limit_batches)
@@ -51,7 +51,7 @@ def cmd_eval(args) -> int:
 
         print(json.dumps(result, indent=2, sort_keys=True))
     else:
-        print_eval(result)
+        print_eval({**result, "metrics": display_metrics(result["metrics"])})
     return 0
 
 

@@ -1,11 +1,15 @@
 """`calm eval`: validation metrics of a checkpoint on a (possibly different) corpus.
 
 CALM and baseline checkpoints report BrierLM and Brier-1..n plus their loss; autoencoder checkpoints
-report token and chunk accuracies (z = mu, posterior sample, added noise).
+report token and chunk accuracies (z = mu, posterior sample, added noise). Brier-n come with their
+cluster-robust standard error and 95% interval (``val/brier{n}_se``, ``_lo``, ``_hi``) and BrierLM
+with its interval (``val/brierlm_lo``, ``_hi``); `display_metrics` folds them into one line each.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -114,10 +118,41 @@ def evaluate(checkpoint: str | Path, overrides: list[str] = (), *, limit_batches
     metrics = trainer.validate(module, datamodule=dm, verbose=False)[0]
     step = int(blob.get("global_step", 0))
     guard = blob.get("callbacks", {}).get(GUARD_STATE_KEY)
-    return {
+    result = {
         "checkpoint": str(ckpt),
         "kind": kind,
         "step": step,
         "budget": budget_status(step, exp.trainer.max_steps, guard),
         "metrics": {k: float(v) for k, v in sorted(metrics.items())},
     }
+    if kind == "calm":
+        result["brier_num_samples"] = exp.eval.num_samples  # S head samples per position
+    return result
+
+
+_BRIER_PART = re.compile(r"(.*/brier(?:\d+|lm))_(se|lo|hi)$")
+
+
+def display_metrics(metrics: dict[str, float]) -> dict[str, Any]:
+    """Metrics for the console: each Brier-n as ``0.0432 ± 0.0021  [0.0391, 0.0473]`` and BrierLM as
+    ``5.72  [5.10, 6.31]`` (their _se/_lo/_hi entries folded in); every other metric unchanged."""
+
+    def num(v: float | None, fmt: str) -> str:
+        return "n/a" if v is None or not math.isfinite(v) else format(v, fmt)
+
+    folded = {m.group(1) for k in metrics if (m := _BRIER_PART.match(k))}
+    out: dict[str, Any] = {}
+    for k, v in metrics.items():
+        if _BRIER_PART.match(k):
+            continue
+        if k not in folded:
+            out[k] = v
+            continue
+        fmt = ".2f" if k.endswith("brierlm") else ".4f"
+        shown = num(v, fmt)
+        if f"{k}_se" in metrics:
+            shown += f" ± {num(metrics[f'{k}_se'], fmt)}"
+        if f"{k}_lo" in metrics:
+            shown += f"  [{num(metrics[f'{k}_lo'], fmt)}, {num(metrics.get(f'{k}_hi'), fmt)}]"
+        out[k] = shown
+    return out

@@ -102,6 +102,10 @@ class TrainerConfig:
 class EvalConfig:
     brier_max_n: int = 4  # largest n of Brier-n
     estimator: str = "auto"  # auto | two_sample | low_variance (token baseline only)
+    # S head samples per position for CALM's Brier-n (U-statistic; S branches per start when K < max_n);
+    # 2 = the paper's two-sample estimator. 4: lowest variance per second of evaluation, within a few %,
+    # for both a sampling- and a data-dominated model (benchmarks/bench_brier_samples.py)
+    num_samples: int = 4
     noise_sigmas: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 1.0])  # AE robustness curve
 
 
@@ -175,6 +179,8 @@ def validate(cfg: ExperimentConfig) -> list[str]:
     errs += _check(hd.name in HEADS, "model.head.name", f"must be one of {', '.join(sorted(HEADS))}, got {hd.name!r}")
     errs += _check(hd.num_samples >= 2, "model.head.num_samples", f"must be >= 2 (the energy score needs pairs), got {hd.num_samples}")
     errs += _check(hd.energy.num_target_samples >= 1, "model.head.energy.num_target_samples", f"must be >= 1, got {hd.energy.num_target_samples}")
+    errs += _check(hd.energy.noise_size >= 1, "model.head.energy.noise_size",
+                   f"must be >= 1 (without noise the head is deterministic), got {hd.energy.noise_size}")
     errs += _check(hd.energy.init in ("xavier", "normal"), "model.head.energy.init",
                    f"must be xavier or normal, got {hd.energy.init!r}")
     errs += _check(hd.norm_eps > 0, "model.head.norm_eps", f"must be > 0, got {hd.norm_eps}")
@@ -202,6 +208,8 @@ def validate(cfg: ExperimentConfig) -> list[str]:
     errs += _check(1 <= cfg.eval.brier_max_n <= 8, "eval.brier_max_n", f"must be in [1, 8], got {cfg.eval.brier_max_n}")
     errs += _check(cfg.eval.estimator in ("auto", "two_sample", "low_variance"), "eval.estimator",
                    f"must be auto, two_sample or low_variance, got {cfg.eval.estimator!r}")
+    errs += _check(cfg.eval.num_samples >= 2, "eval.num_samples",
+                   f"must be >= 2 (the collision term needs pairs), got {cfg.eval.num_samples}")
     s = cfg.sampling
     for i, temp in enumerate(s.temperatures):
         errs += _check(0.0 < temp <= 1.0, f"sampling.temperatures[{i}]", f"must be in (0, 1], got {temp}")

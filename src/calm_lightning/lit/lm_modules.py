@@ -1,7 +1,9 @@
 """LightningModules for the two language models: CALM (next-vector) and the token baseline.
 
 Both log ``val/brier1..4`` and ``val/brierlm`` from the same `BrierLM` metric so their curves share
-TensorBoard charts; CALM logs its head loss, the baseline its cross-entropy.
+TensorBoard charts, with their uncertainty (each validation sequence one cluster):
+``val/brier{n}_se``, ``val/brier{n}_lo`` / ``_hi`` and ``val/brierlm_lo`` / ``_hi`` (95% intervals);
+CALM logs its head loss, the baseline its cross-entropy.
 """
 
 from __future__ import annotations
@@ -57,8 +59,9 @@ class _LanguageModelLitModule(ShardedGradientClipping, L.LightningModule):
         # Seeded per batch so that validation is reproducible and comparable across steps.
         gen = torch.Generator(device=batch.device).manual_seed(self.cfg.trainer.seed + batch_idx)
         sums, counts = estimate_brier(self.model, batch, max_n=self.cfg.eval.brier_max_n,
-                                      estimator=self.cfg.eval.estimator, generator=gen)
-        self.brier.update(sums, counts)
+                                      estimator=self.cfg.eval.estimator, generator=gen,
+                                      num_samples=self.cfg.eval.num_samples)
+        self.brier.update(sums, counts)  # [B, max_n] each: one block per validation sequence
 
     def on_validation_epoch_end(self) -> None:
         scores = self.brier.compute()

@@ -1,9 +1,11 @@
 """Brier-n estimators for CALM and the token baseline (CALM.md section 4).
 
 Each estimator scores every start position of a batch of true sequences ``tokens[B, T]`` and returns
-``(sums[max_n], counts[max_n])`` ready for `BrierLM.update`: the sum over positions of an unbiased
-estimate of Brier-n = 2 P(y_{1:n}) - sum_x P(x_{1:n})^2, and how many positions were scored for each
-n (a position whose n-gram runs past the end of the sequence is left out of that n).
+``(sums[B, max_n], counts[B, max_n])`` ready for `BrierLM.update`: per evaluation block (row b of
+the batch), the sum over its positions of an unbiased estimate of Brier-n = 2 P(y_{1:n}) -
+sum_x P(x_{1:n})^2, and how many positions were scored for each n (a position whose n-gram runs past
+the end of the sequence is left out of that n). Keeping the blocks apart is what lets `BrierLM`
+give a cluster-robust standard error (positions of one sequence are correlated).
 
 Work happens in "units": one token for the baseline, one K-token chunk for CALM. A start position j
 (unit index, j = 0..L-2) has the true units 0..j as context and the tokens from unit j+1 on as its
@@ -19,6 +21,12 @@ n-gram. Three quantities are needed per start:
   the branch with the first. The probability that the branch agrees on every unit up to step r and
   passes through a given x_{1:r} is P(x_{1:r})^2, which makes cumprod(agreement) unbiased for the
   collision probability (within a chunk the comparison is token-wise, giving partial n).
+- S samples (CALM, ``num_samples`` = S >= 2): the U-statistic 2 mean_s 1{x_s = y} - mean_{s<t}
+  1{x_s = x_t} (`functional.sample_brier_terms`), S = 2 being the form above. Accuracy uses the S
+  teacher-forced samples; for collisions beyond the first chunk (K < max_n), S > 2 rolls out S
+  branches per start, each continued with its own sample: two branches that agree so far share
+  their context, so their next chunks are two independent draws from it, and 1{branches s, t agree
+  on x_{1:n}} is unbiased for sum_x P(x_{1:n})^2 for every pair. (S = 2 keeps the single branch.)
 - Low-variance variant for models with logits (CALM.md section 4, last bullet): accuracy exact,
   2 prod_k P(y_k | true prefix); collision 1{agreed on the first n-1 tokens} * sum_x q_n(x)^2, the
   exact sum of squares of the n-th token's distribution along the branch. Still unbiased.
@@ -44,16 +52,18 @@ from calm_lightning.errors import CalmError
 from calm_lightning.metrics.functional import (
     accum_dtype,
     exclusive_cumprod,
-    ngram_indicators,
     ngram_valid_mask,
     ngram_windows,
-    reduce_brier_terms,
+    reduce_brier_blocks,
+    sample_accuracy,
+    sample_collision,
 )
 
 ESTIMATORS = ("auto", "two_sample", "low_variance")
 
-# draw(states[B, N, ...], step r) -> units [B, N, 2, U]: two independent samples of the next unit for
-# the N first start positions (row n = start n) at rollout step r (r = 0: teacher-forced positions).
+# draw(states[B, N, ...], step r) -> units [B, N, S, U]: S independent samples of the next unit for
+# the N first start positions (row n = start n) at rollout step r (r = 0: teacher-forced positions);
+# S = 2 unless an estimator is asked for more (num_samples).
 DrawFn = Callable[[Tensor, int], Tensor]
 # forward(units[B, N, U], positions[N], kv_cache, attn_mask[N, S + N]) -> states[B, N, ...]
 StepFn = Callable[[Tensor, Tensor, object, Tensor], Tensor]
@@ -64,50 +74,70 @@ StepFn = Callable[[Tensor, Tensor, object, Tensor], Tensor]
 # --------------------------------------------------------------------------------------------------
 
 
-def branch_attention_mask(key_owner: Tensor, key_pos: Tensor, starts: Tensor) -> Tensor:
+def branch_attention_mask(
+    key_owner: Tensor, key_pos: Tensor, starts: Tensor, owners: Tensor | None = None
+) -> Tensor:
     """Which cached keys each branch may attend to.
 
-    key_owner: [S] start index of the branch that wrote each key, -1 for keys of the true sequence;
-    key_pos: [S] position of each true key; starts: [N] the branches querying. Returns [N, S] bool:
-    true keys at positions <= start, plus the branch's own keys.
+    key_owner: [S] id of the branch that wrote each key, -1 for keys of the true sequence; key_pos:
+    [S] position of each true key; starts: [N] start position of each querying branch; owners: [N]
+    their branch ids (default: the start, one branch per start). Returns [N, S] bool: true keys at
+    positions <= start, plus the branch's own keys.
     """
+    owners = starts if owners is None else owners
     shared = (key_owner[None, :] < 0) & (key_pos[None, :] <= starts[:, None])
-    own = key_owner[None, :] == starts[:, None]
+    own = key_owner[None, :] == owners[:, None]
     return shared | own
 
 
 def branch_rollout(
-    prefix_states: Tensor, kv_cache, forward: StepFn, draw: DrawFn, num_steps: int
+    prefix_states: Tensor,
+    kv_cache,
+    forward: StepFn,
+    draw: DrawFn,
+    num_steps: int,
+    branches: int = 1,
+    draw_one: DrawFn | None = None,
 ) -> Iterator[tuple[int, Tensor, Tensor]]:
-    """Roll out one branch per start position, all starts in one backbone call per step.
+    """Roll out ``branches`` branches per start position, all starts in one backbone call per step.
 
     prefix_states: [B, L, ...] teacher-forced states of the true sequence (already in ``kv_cache``);
     start j = 0..L-2 begins from prefix_states[:, j]. At step r only starts j <= L-2-r are kept (the
-    others' n-grams have run past the end), so step r has N_r = L-1-r rows and feeds start j's branch
-    at position j + r with the first sample it drew at step r-1.
+    others' n-grams have run past the end), so step r has N_r = L-1-r starts.
 
-    Yields (r, states[B, N_r, ...], pair[B, N_r, 2, U]) for r = 0..num_steps-1 (fewer if the sequence
-    is too short). Step 0's pair is drawn at the true positions, so it doubles as the teacher-forced
-    sample pair of every position.
+    branches = 1: start j's branch sits at position j + r, fed the first sample it drew at step r-1,
+    and ``draw`` gives the S samples of every step. branches = S > 1: start j has S branches (rows
+    j*S + s), branch s fed its own sample s of step r-1, and from step 1 on each branch draws one
+    sample with ``draw_one`` (-> [B, N_r*S, 1, U]), so that sample s of step r continues branch s.
+
+    Yields (r, states[B, N_r * branches, ...], samples[B, N_r, S, U]) for r = 0..num_steps-1 (fewer
+    if the sequence is too short). Step 0's samples are drawn at the true positions, so they double
+    as the teacher-forced samples of every position.
     """
     L = prefix_states.shape[1]
     device = prefix_states.device
     key_owner = torch.full((L,), -1, dtype=torch.long, device=device)  # [S] -1: true-sequence key
     key_pos = torch.arange(L, device=device)  # [S]
     states = prefix_states[:, : L - 1]
-    pair = None
+    samples = None
     for r in range(num_steps):
         n_r = L - 1 - r
         if n_r <= 0:
             return
         if r > 0:
-            starts = torch.arange(n_r, device=device)  # [N_r]
-            key_owner = torch.cat([key_owner, starts])  # this step's keys join the cache
+            owners = torch.arange(n_r * branches, device=device)  # [N_r * branches] branch ids
+            starts = owners // branches  # start-major, branch-minor rows
+            key_owner = torch.cat([key_owner, owners])  # this step's keys join the cache
             key_pos = torch.cat([key_pos, starts + r])
-            mask = branch_attention_mask(key_owner, key_pos, starts)  # [N_r, S + N_r]
-            states = forward(pair[:, :n_r, 0], starts + r, kv_cache, mask)  # [B, N_r, ...]
-        pair = draw(states, r)  # [B, N_r, 2, U]
-        yield r, states, pair
+            mask = branch_attention_mask(key_owner, key_pos, starts, owners)  # [N_r*br, S + N_r*br]
+            units = samples[:, :n_r, :branches].flatten(1, 2)  # [B, N_r * branches, U]
+            states = forward(units, starts + r, kv_cache, mask)  # [B, N_r * branches, ...]
+        if r == 0 or branches == 1:
+            samples = draw(states, r)  # [B, N_r, S, U]
+        else:
+            one = draw_one(states, r)  # [B, N_r * S, 1, U]
+            samples = one.reshape(one.shape[0], n_r, branches, one.shape[-1])  # [B, N_r, S, U]
+        yield r, states, samples
 
 
 def _new_cache(model):
@@ -118,35 +148,50 @@ def _new_cache(model):
     return backbone.new_cache() if hasattr(backbone, "new_cache") else None
 
 
-def _two_sample_sums(tokens: Tensor, unit: int, max_n: int, rollout: Iterator) -> tuple[Tensor, Tensor]:
-    """Sums of 1{x1 = y} + 1{x2 = y} - 1{x1 = x2} over starts, from a `branch_rollout` stream."""
+def _sample_sums(
+    tokens: Tensor, unit: int, max_n: int, rollout: Iterator, num_samples: int = 2
+) -> tuple[Tensor, Tensor]:
+    """Per-block sums of the S-sample U-statistic over starts, from a `branch_rollout` stream:
+
+        2/S sum_s 1{x_s = y}  -  2/(S(S-1)) sum_{s<t} 1{x_s = x_t}     (S = 2: x1, x2 as in CALM.md)
+
+    Accuracy compares the S teacher-forced samples of units j+1, j+2, ... with the truth; collisions
+    compare the S continuations of start j's rollout, token by token.
+    """
     B, T = tokens.shape
-    U = unit
+    U, S = unit, num_samples
     num_starts = T // U - 1
     num_steps = math.ceil(max_n / U)
-    agree = torch.zeros(B, num_starts, num_steps * U, dtype=torch.bool, device=tokens.device)
+    paths = torch.zeros(B, num_starts, S, num_steps * U, dtype=torch.long, device=tokens.device)
     teacher = None
-    for r, _, pair in rollout:
+    for r, _, samples in rollout:
+        if samples.shape[2] != S:
+            raise ValueError(f"draw returned {samples.shape[2]} samples per position, expected {S}")
         if r == 0:
-            teacher = pair  # [B, L-1, 2, U] samples at every true position
-        n_r = pair.shape[1]
-        agree[:, :n_r, r * U : (r + 1) * U] = pair[:, :, 0] == pair[:, :, 1]
-    targets = tokens[:, U:].reshape(B, num_starts, U)  # unit j+1 is the target of position j
-    accuracy = 0
-    for s in range(2):  # the x1 and x2 runs
-        matches = (teacher[:, :, s] == targets).reshape(B, num_starts * U)  # per target token
-        accuracy = accuracy + ngram_indicators(ngram_windows(matches, max_n, U, fill=False), max_n)
-    collision = ngram_indicators(agree, max_n)  # [B, L-1, max_n]
+            teacher = samples  # [B, L-1, S, U] samples at every true position
+        n_r = samples.shape[1]
+        paths[:, :n_r, :, r * U : (r + 1) * U] = samples  # rows past n_r stay 0: their n-grams are invalid
+    # teacher-forced samples along the truth: window j holds samples of units j+1, j+2, ... -> [B, L-1, S, max_n]
+    along_truth = ngram_windows(teacher.transpose(1, 2).reshape(B * S, num_starts * U), max_n, U, fill=-1)
+    along_truth = along_truth.view(B, S, num_starts, max_n).transpose(1, 2)
+    targets = ngram_windows(tokens[:, U:], max_n, U, fill=-2)  # [B, L-1, max_n] (pads never match)
+    accuracy = sample_accuracy(along_truth, targets, max_n)  # [B, L-1, max_n]
+    collision = sample_collision(paths, max_n)  # [B, L-1, max_n]
     first_target = (torch.arange(num_starts, device=tokens.device) + 1) * U  # [L-1]
     valid = ngram_valid_mask(first_target, T, max_n).expand(B, -1, -1)  # [B, L-1, max_n]
-    return reduce_brier_terms(accuracy, collision, valid)
+    return reduce_brier_blocks(accuracy, collision, valid)
 
 
-def _empty(max_n: int, device) -> tuple[Tensor, Tensor]:
+def _empty(batch: int, max_n: int, device) -> tuple[Tensor, Tensor]:
     return (
-        torch.zeros(max_n, dtype=accum_dtype(device), device=device),
-        torch.zeros(max_n, dtype=torch.int64, device=device),
+        torch.zeros(batch, max_n, dtype=accum_dtype(device), device=device),
+        torch.zeros(batch, max_n, dtype=torch.int64, device=device),
     )
+
+
+def _check_num_samples(num_samples: int) -> None:
+    if num_samples < 2:
+        raise CalmError(f"num_samples must be >= 2 (the collision term needs pairs), got {num_samples}")
 
 
 def _check_max_n(max_n: int) -> None:
@@ -213,13 +258,14 @@ def token_two_sample_estimate(
     """Plain two-sample Brier-n estimate for a token LM, every start position, batched rollouts.
 
     tokens: [B, T]. uniforms: optional [B, T-1, max_n, 2] in [0, 1) driving the inverse-CDF draws of
-    (start, step, sample) (drawn from ``generator`` when None). Returns (sums[max_n], counts[max_n]).
+    (start, step, sample) (drawn from ``generator`` when None). Returns (sums[B, max_n],
+    counts[B, max_n]), one row per sequence (evaluation block).
     """
     _check_max_n(max_n)
     if tokens.shape[1] < 2:
-        return _empty(max_n, tokens.device)
+        return _empty(tokens.shape[0], max_n, tokens.device)
     u = _token_uniforms(tokens, max_n, generator, uniforms)
-    return _two_sample_sums(tokens, 1, max_n, _token_rollout(model, tokens, max_n, u))
+    return _sample_sums(tokens, 1, max_n, _token_rollout(model, tokens, max_n, u))
 
 
 @torch.no_grad()
@@ -240,7 +286,7 @@ def token_low_variance_estimate(
     _check_max_n(max_n)
     B, T = tokens.shape
     if T < 2:
-        return _empty(max_n, tokens.device)
+        return _empty(B, max_n, tokens.device)
     u = _token_uniforms(tokens, max_n, generator, uniforms)
     num_starts = T - 1
     agree = torch.zeros(B, num_starts, max_n, dtype=torch.bool, device=tokens.device)
@@ -258,7 +304,7 @@ def token_low_variance_estimate(
     accuracy = 2 * window.cumsum(dim=-1).exp()
     collision = exclusive_cumprod(agree.to(dtype)) * sum_sq  # [B, T-1, max_n]
     valid = ngram_valid_mask(torch.arange(1, T, device=tokens.device), T, max_n).expand(B, -1, -1)
-    return reduce_brier_terms(accuracy, collision, valid)
+    return reduce_brier_blocks(accuracy, collision, valid)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -266,11 +312,13 @@ def token_low_variance_estimate(
 # --------------------------------------------------------------------------------------------------
 
 
-def _calm_draw(model, generator: torch.Generator | None) -> DrawFn:
+def _calm_draw(model, generator: torch.Generator | None, num_samples: int = 2) -> DrawFn:
     def draw(hidden, r):
         B, N, D = hidden.shape
-        chunks = model.sample_chunks(hidden.reshape(B * N, D), 2, generator=generator)  # [B*N, 2, K]
-        return chunks.view(B, N, 2, -1).to(torch.long)  # [B, N, 2, K]
+        chunks = model.sample_chunks(
+            hidden.reshape(B * N, D), num_samples, generator=generator
+        )  # [B*N, S, K]
+        return chunks.view(B, N, num_samples, -1).to(torch.long)  # [B, N, S, K]
 
     return draw
 
@@ -289,22 +337,29 @@ def calm_rollout_estimate(
     max_n: int = 4,
     generator: torch.Generator | None = None,
     draw: DrawFn | None = None,
+    num_samples: int = 2,
 ) -> tuple[Tensor, Tensor]:
-    """Two-sample Brier-n estimate for CALM at chunk-aligned start positions, any K.
+    """S-sample Brier-n estimate for CALM at chunk-aligned start positions, any K.
 
     ceil(max_n / K) chunks are drawn per start: the first at every true position (teacher forcing,
-    shared with the accuracy term), the rest along batched branch rollouts (none when K >= max_n).
-    Collisions compare tokens inside a chunk, so n need not be a multiple of K.
+    S = ``num_samples`` head samples each, shared with the accuracy term), the rest along batched
+    branch rollouts (none when K >= max_n): one branch continued with the first sample for S = 2 (the
+    two-sample estimator), S branches each continued with its own sample for S > 2 (so S times the
+    rollout backbone work). Collisions compare tokens inside a chunk, so n need not be a multiple of K.
 
-    tokens: [B, T] with T = L*K. draw: optional replacement for ``model.sample_chunks``, see `DrawFn`.
-    Returns (sums[max_n], counts[max_n]); start j's n-gram is tokens[(j+1)K : (j+1)K + n].
+    tokens: [B, T] with T = L*K. draw: optional replacement for ``model.sample_chunks``, see `DrawFn`
+    (it must return S samples; with S > 2 branches, rollout steps keep its first sample per branch).
+    Returns (sums[B, max_n], counts[B, max_n]), one row per sequence; start j's n-gram is
+    tokens[(j+1)K : (j+1)K + n].
     """
     _check_max_n(max_n)
+    _check_num_samples(num_samples)
     K = _check_calm_tokens(model, tokens)
     B, T = tokens.shape
     if T < 2 * K:
-        return _empty(max_n, tokens.device)
+        return _empty(B, max_n, tokens.device)
     num_steps = math.ceil(max_n / K)
+    branches = num_samples if num_samples > 2 and num_steps > 1 else 1
     cache = _new_cache(model) if num_steps > 1 else None
     hidden = model.hidden_states(tokens, kv_cache=cache)  # [B, L, D]
 
@@ -314,8 +369,13 @@ def calm_rollout_estimate(
             units.reshape(B, n * K), positions=positions, kv_cache=kv_cache, attn_mask=mask
         )
 
-    draw = draw if draw is not None else _calm_draw(model, generator)
-    return _two_sample_sums(tokens, K, max_n, branch_rollout(hidden, cache, forward, draw, num_steps))
+    if draw is None:
+        draw, draw_one = _calm_draw(model, generator, num_samples), _calm_draw(model, generator, 1)
+    else:
+        given = draw
+        draw_one = lambda h, r: given(h, r)[:, :, :1]  # noqa: E731
+    rollout = branch_rollout(hidden, cache, forward, draw, num_steps, branches=branches, draw_one=draw_one)
+    return _sample_sums(tokens, K, max_n, rollout, num_samples)
 
 
 @torch.no_grad()
@@ -325,15 +385,22 @@ def calm_chunk_estimate(
     max_n: int = 4,
     generator: torch.Generator | None = None,
     draw: DrawFn | None = None,
+    num_samples: int = 2,
 ) -> tuple[Tensor, Tensor]:
-    """CALM with K >= max_n: one pair of decoded head samples per chunk-aligned position covers the
-    whole n-gram, so no rollout is needed. Hidden states h_0..h_{L-2} of one forward pass, two head
-    samples each (``model.sample_chunks(h, 2)``), targets chunk j+1's first max_n tokens.
-    Returns (sums[max_n], counts[max_n]) with counts = B * (L-1) for every n.
+    """CALM with K >= max_n: S = ``num_samples`` decoded head samples per chunk-aligned position
+    cover the whole n-gram, so no rollout is needed. Hidden states h_0..h_{L-2} of one forward pass,
+    S head samples each (``model.sample_chunks(h, S)``), targets chunk j+1's first max_n tokens,
+    scored by the U-statistic (CALM.md section 4, generalised from the two-sample form):
+
+        Brier-n ~ 2/S sum_s 1{x_s[:n] = y[:n]} - 2/(S(S-1)) sum_{s<t} 1{x_s[:n] = x_t[:n]}
+
+    Returns (sums[B, max_n], counts[B, max_n]) with counts = L-1 in every row and n.
     """
     if model.chunk_size < max_n:
         raise CalmError(f"calm_chunk_estimate needs K >= max_n, got K={model.chunk_size}, max_n={max_n}")
-    return calm_rollout_estimate(model, tokens, max_n, generator=generator, draw=draw)
+    return calm_rollout_estimate(
+        model, tokens, max_n, generator=generator, draw=draw, num_samples=num_samples
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -349,13 +416,20 @@ def is_calm_like(model) -> bool:
 
 
 def estimate_brier(
-    model, tokens: Tensor, max_n: int = 4, estimator: str = "auto", generator: torch.Generator | None = None
+    model,
+    tokens: Tensor,
+    max_n: int = 4,
+    estimator: str = "auto",
+    generator: torch.Generator | None = None,
+    num_samples: int = 2,
 ) -> tuple[Tensor, Tensor]:
-    """Brier-1..max_n sums and counts for one batch of true sequences tokens[B, T].
+    """Brier-1..max_n sums and counts per sequence, (sums[B, max_n], counts[B, max_n]), for one batch
+    of true sequences tokens[B, T].
 
-    CALM with K >= max_n -> `calm_chunk_estimate`; CALM with K < max_n -> `calm_rollout_estimate`;
-    token LM -> `token_low_variance_estimate` for estimator "auto"/"low_variance", else
-    `token_two_sample_estimate`. Runs under no_grad in the model's current mode (set eval yourself).
+    CALM with K >= max_n -> `calm_chunk_estimate`; CALM with K < max_n -> `calm_rollout_estimate`,
+    both with ``num_samples`` head samples per position; token LM -> `token_low_variance_estimate`
+    for estimator "auto"/"low_variance", else `token_two_sample_estimate` (both draw two samples;
+    ``num_samples`` is for CALM only). Runs under no_grad in the model's current mode (set eval yourself).
     """
     if estimator not in ESTIMATORS:
         raise CalmError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
@@ -365,8 +439,8 @@ def estimate_brier(
                 "the low_variance estimator needs logits; CALM only has a sampler (use auto or two_sample)"
             )
         if model.chunk_size >= max_n:
-            return calm_chunk_estimate(model, tokens, max_n, generator=generator)
-        return calm_rollout_estimate(model, tokens, max_n, generator=generator)
+            return calm_chunk_estimate(model, tokens, max_n, generator=generator, num_samples=num_samples)
+        return calm_rollout_estimate(model, tokens, max_n, generator=generator, num_samples=num_samples)
     if estimator in ("auto", "low_variance"):
         return token_low_variance_estimate(model, tokens, max_n, generator=generator)
     return token_two_sample_estimate(model, tokens, max_n, generator=generator)
