@@ -87,7 +87,7 @@ def test_compare_writes_table_and_figures(tiny_calm_run, tiny_flow_run, tiny_ar_
     assert by_run["cmp_flow"]["evals/vector"] == "8"  # midpoint x 4 steps
     assert by_run["ar"]["model"] == "token baseline" and by_run["ar"]["head params"] == "—"
     for row in by_run.values():
-        assert row["steps"] == "2" and row["BrierLM"] != "—" and row["Brier-1"] != "—"
+        assert row["steps"] == "2" and row["BrierLM"] != "—" and "±" in row["Brier-1"]
         assert row["Brier-4"] == "—"  # the tiny runs evaluate Brier-1..2 only
         assert float(row["gen tokens/s"].replace(",", "")) > 0 and float(row["train FLOPs"]) > 0
     assert int(by_run["cmp_flow"]["head params"].replace(",", "")) > 0
@@ -102,12 +102,26 @@ def test_compare_writes_table_and_figures(tiny_calm_run, tiny_flow_run, tiny_ar_
         ("flow", "midpoint", "2"),
     }
 
+    # Floors on both position sets (CALM's chunk starts, the baseline's every token), and paired
+    # differences: every pair of runs (same blocks) and each run against its bigram floor.
+    floor_rows = _table(markdown, "floor")[1:]
+    assert {r[0] for r in floor_rows} == {
+        "unigram floor (every token)", "bigram floor (every token)",
+        "unigram floor (chunk starts, K=4)", "bigram floor (chunk starts, K=4)",
+    }
+    paired = {(r[0], r[1]): r for r in _table(markdown, "A")[1:]}
+    assert {("calm", "cmp_flow"), ("calm", "ar"), ("cmp_flow", "ar")} <= set(paired)
+    assert ("ar", "bigram floor (every token)") in paired and ("calm", "bigram floor (chunk starts, K=4)") in paired
+    assert all("±" in r[2] for r in paired.values())
+
     for name in ("brierlm_vs_step.png", "brierlm_vs_sampling_steps.png", "brierlm_vs_flops.png"):
         data = (out / name).read_bytes()
         assert data[:8] == PNG_SIGNATURE and len(data) > 10_000, name
         assert f"]({name})" in markdown
     summary = json.loads((out / "comparison.json").read_text())
     assert [r["label"] for r in summary["runs"]] == ["calm", "cmp_flow", "ar"] and len(summary["sweep"]) == 5
+    assert len(summary["floors"]) == 4 and len(summary["paired"]) == len(paired)
+    assert "val/brier1_se" in summary["runs"][0]["scores"] and "blocks" not in summary["runs"][0]
     assert not list(out.glob(".*.tmp"))  # atomic writes leave no temporaries
 
 

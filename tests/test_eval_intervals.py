@@ -7,7 +7,7 @@ import json
 import math
 
 from calm_lightning.cli import main
-from calm_lightning.evaluate import display_metrics
+from calm_lightning.ui import display_metrics
 
 INTERVAL_TAGS = {"val/brier1_se", "val/brier1_lo", "val/brier1_hi", "val/brierlm_lo", "val/brierlm_hi"}
 

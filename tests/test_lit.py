@@ -201,3 +201,27 @@ def test_time_guard_stops_loudly_and_a_rerun_continues_to_max_steps(tiny_ar_run,
     rc, out, _ = run_cli(capsys, "eval", tiny_ar_run.runs_dir / "guarded" / "version_0", "--json")
     assert json.loads(out)["budget"]["complete"] and not json.loads(out)["budget"]["stopped_by_time_guard"]
     assert not (tiny_ar_run.runs_dir / "guarded" / "version_1").exists()
+
+
+def test_eval_scores_the_whole_split_floors_and_an_external_corpus(tiny_ar_run, tiny_corpus, capsys):
+    """calm eval: the whole validation split by default (training's limit_val_batches does not bind
+    it), --floors adds unigram/bigram floors on the same positions, eval.corpus scores another corpus
+    in full with the run's tokenizer, and NaN never reaches the JSON."""
+    rc, out, _ = run_cli(capsys, "eval", tiny_ar_run.checkpoint, "--json", "--limit-batches", "1")
+    limited = json.loads(out)
+    rc, out, _ = run_cli(capsys, "eval", tiny_ar_run.checkpoint, "--json", "--floors")
+    assert rc == 0 and "NaN" not in out
+    full = json.loads(out)
+    assert full["eval_set"]["source"] == "validation split"
+    assert full["eval_set"]["blocks"] >= limited["eval_set"]["blocks"] and limited["eval_set"]["blocks"] <= 4
+    floors = full["floors"]
+    assert set(floors) == {"unigram", "bigram"}
+    for f in floors.values():
+        assert {"val/brier1", "val/brier1_se", "val/brier1_lo", "val/brier2", "val/brierlm"} <= set(f)
+    assert floors["bigram"]["val/brier1"] > floors["unigram"]["val/brier1"]  # word-internal transitions
+    rc, out, _ = run_cli(capsys, "eval", tiny_ar_run.checkpoint, f"eval.corpus={tiny_corpus / 'doc00.txt'}", "--json")
+    ext = json.loads(out)
+    assert rc == 0 and ext["eval_set"]["documents"] == 1 and ext["eval_set"]["source"].endswith("doc00.txt")
+    assert ext["metrics"]["val/brier1"] != full["metrics"]["val/brier1"]
+    rc, out, _ = run_cli(capsys, "eval", tiny_ar_run.checkpoint, "--floors")
+    assert rc == 0 and "Floor: bigram" in out and "±" in out

@@ -42,16 +42,23 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from calm_lightning.evaluate import display_metrics, evaluate
-    from calm_lightning.ui import print_eval
+    from calm_lightning.evaluate import evaluate
+    from calm_lightning.ui import display_metrics, print_eval
 
-    result = evaluate(args.checkpoint, args.overrides, limit_batches=args.limit_batches)
+    result = evaluate(args.checkpoint, args.overrides, limit_batches=args.limit_batches, floors=args.floors)
     if args.json:
         import json
+        import math
 
-        print(json.dumps(result, indent=2, sort_keys=True))
+        def finite(v):  # NaN (an SE from fewer than 2 blocks) is not JSON: null
+            if isinstance(v, dict):
+                return {k: finite(x) for k, x in v.items()}
+            return None if isinstance(v, float) and not math.isfinite(v) else v
+
+        print(json.dumps(finite(result), indent=2, sort_keys=True))
     else:
-        print_eval({**result, "metrics": display_metrics(result["metrics"])})
+        floors = {name: display_metrics(m) for name, m in result.get("floors", {}).items()}
+        print_eval({**result, "metrics": display_metrics(result["metrics"]), "floors": floors})
     return 0
 
 
@@ -78,7 +85,7 @@ def cmd_sample(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from calm_lightning.compare import DEFAULT_DIFFUSION_STEPS, DEFAULT_FLOW_STEPS, compare
+    from calm_lightning.comparison import DEFAULT_DIFFUSION_STEPS, DEFAULT_FLOW_STEPS, compare
     from calm_lightning.ui import err_console
 
     result = compare(
@@ -137,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--limit-batches", type=int, default=0, help="evaluate at most this many batches (0 = all)"
     )
     se.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    se.add_argument(
+        "--floors", action="store_true",
+        help="also score unigram and bigram models counted on the training split (same positions)",
+    )
     se.set_defaults(func=cmd_eval)
 
     ss = sub.add_parser("sample", help="continue text prompts with a CALM/baseline checkpoint (streamed)")

@@ -3,13 +3,12 @@
 CALM and baseline checkpoints report BrierLM and Brier-1..n plus their loss; autoencoder checkpoints
 report token and chunk accuracies (z = mu, posterior sample, added noise). Brier-n come with their
 cluster-robust standard error and 95% interval (``val/brier{n}_se``, ``_lo``, ``_hi``) and BrierLM
-with its interval (``val/brierlm_lo``, ``_hi``); `display_metrics` folds them into one line each.
+with its interval (``val/brierlm_lo``, ``_hi``); `ui.display_metrics` folds them into one line each.
 """
 
 from __future__ import annotations
 
-import math
-import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +76,24 @@ def load_checkpoint_config(ckpt: Path) -> dict[str, Any]:
     return load_checkpoint(ckpt)["hyper_parameters"]
 
 
-def evaluate(checkpoint: str | Path, overrides: list[str] = (), *, limit_batches: int = 0) -> dict[str, Any]:
+def evaluate(
+    checkpoint: str | Path,
+    overrides: list[str] = (),
+    *,
+    limit_batches: int = 0,
+    floors: bool = False,
+    keep_blocks: bool = False,
+) -> dict[str, Any]:
+    """Validation metrics of a checkpoint: the whole validation split (or ``eval.corpus`` in full),
+    or its first ``limit_batches`` batches.
+
+    ``floors``: also the exact Brier-n of unigram and bigram models counted on the training split,
+    on the same positions and blocks (``result["floors"]``). ``keep_blocks``: the per-block Brier
+    sums and counts of the run (and floors) as tensors [G, max_n] in ``result["blocks"]`` (and
+    ``result["floor_blocks"]``), for paired comparisons; not JSON-serialisable.
+    """
+    import dataclasses
+
     from calm_lightning.train import build_datamodule
 
     ckpt = resolve_checkpoint(checkpoint)
@@ -103,8 +119,16 @@ def evaluate(checkpoint: str | Path, overrides: list[str] = (), *, limit_batches
             f"{ckpt}: trained with tokenizer {stored_fp[:12]} but the data uses "
             f"{dm.tokenizer_fingerprint[:12]}; pass the training tokenizer (tokenizer.path=...)"
         )
+    if exp.eval.corpus:
+        if kind == "autoencoder":
+            raise CalmError("eval.corpus scores language models; evaluate an autoencoder on data.corpus instead")
+        dm.use_eval_corpus(dataclasses.replace(exp.data, corpus=exp.eval.corpus))
     module = MODULES[kind].load_from_checkpoint(ckpt, map_location="cpu", config=OmegaConf.to_container(cfg))
-    limit = limit_batches or exp.trainer.limit_val_batches or None
+    if keep_blocks and kind != "autoencoder":
+        module.block_records = []
+    # The whole split unless asked otherwise: training's limit_val_batches was a cost choice for
+    # curves, not a definition of the evaluation set.
+    limit = limit_batches or None
     trainer = L.Trainer(
         accelerator=exp.trainer.accelerator,
         devices=1,
@@ -115,44 +139,88 @@ def evaluate(checkpoint: str | Path, overrides: list[str] = (), *, limit_batches
         limit_val_batches=limit,
     )
     L.seed_everything(exp.trainer.seed, verbose=False)
+    start = time.perf_counter()
     metrics = trainer.validate(module, datamodule=dm, verbose=False)[0]
+    seconds = time.perf_counter() - start
     step = int(blob.get("global_step", 0))
     guard = blob.get("callbacks", {}).get(GUARD_STATE_KEY)
-    result = {
+    result: dict[str, Any] = {
         "checkpoint": str(ckpt),
         "kind": kind,
         "step": step,
         "budget": budget_status(step, exp.trainer.max_steps, guard),
         "metrics": {k: float(v) for k, v in sorted(metrics.items())},
+        "eval_seconds": seconds,
+        "eval_set": {
+            "source": exp.eval.corpus or "validation split",
+            "blocks": _num_blocks(dm, limit),
+            "block_size": exp.data.block_size,
+            **({"documents": dm.eval_corpus_docs} if exp.eval.corpus else {}),
+        },
     }
     if kind == "calm":
         result["brier_num_samples"] = exp.eval.num_samples  # S head samples per position
+    if keep_blocks and module.block_records is not None:
+        result["blocks"] = _stack_blocks(module.block_records)
+        result["block_digest"] = _block_digest(dm, limit)
+    if floors and kind != "autoencoder":
+        floor = score_floors(dm, unit=K if kind == "calm" else 1, max_n=exp.eval.brier_max_n, limit=limit)
+        result["floors"] = {name: f["metrics"] for name, f in floor.items()}
+        if keep_blocks:
+            result["floor_blocks"] = {name: f["blocks"] for name, f in floor.items()}
     return result
 
 
-_BRIER_PART = re.compile(r"(.*/brier(?:\d+|lm))_(se|lo|hi)$")
+def _num_blocks(dm, limit: int | None) -> int:
+    n = len(dm.val_set) if dm.val_set is not None else 0
+    if limit is None:
+        return n
+    batch = dm.data_cfg.val_batch_size or dm.data_cfg.batch_size
+    return min(n, limit * batch)
 
 
-def display_metrics(metrics: dict[str, float]) -> dict[str, Any]:
-    """Metrics for the console: each Brier-n as ``0.0432 ± 0.0021  [0.0391, 0.0473]`` and BrierLM as
-    ``5.72  [5.10, 6.31]`` (their _se/_lo/_hi entries folded in); every other metric unchanged."""
+def _block_digest(dm, limit: int | None) -> str:
+    """sha256 of the evaluated blocks' tokens: runs with equal digests were scored on the same blocks."""
+    import hashlib
 
-    def num(v: float | None, fmt: str) -> str:
-        return "n/a" if v is None or not math.isfinite(v) else format(v, fmt)
+    h = hashlib.sha256()
+    for i, batch in enumerate(dm.val_dataloader()):
+        if limit is not None and i >= limit:
+            break
+        h.update(str(tuple(batch.shape)).encode())
+        h.update(batch.numpy().astype("int64").tobytes())
+    return h.hexdigest()
 
-    folded = {m.group(1) for k in metrics if (m := _BRIER_PART.match(k))}
-    out: dict[str, Any] = {}
-    for k, v in metrics.items():
-        if _BRIER_PART.match(k):
-            continue
-        if k not in folded:
-            out[k] = v
-            continue
-        fmt = ".2f" if k.endswith("brierlm") else ".4f"
-        shown = num(v, fmt)
-        if f"{k}_se" in metrics:
-            shown += f" ± {num(metrics[f'{k}_se'], fmt)}"
-        if f"{k}_lo" in metrics:
-            shown += f"  [{num(metrics[f'{k}_lo'], fmt)}, {num(metrics.get(f'{k}_hi'), fmt)}]"
-        out[k] = shown
+
+def _stack_blocks(records: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.cat([s for s, _ in records]), torch.cat([c for _, c in records])
+
+
+def score_floors(dm, *, unit: int, max_n: int, limit: int | None = None) -> dict[str, dict[str, Any]]:
+    """Exact Brier-n of the unigram and bigram floors (`metrics.floors`), fitted on the training split
+    and scored on ``dm``'s validation blocks at the estimators' positions (``unit``: 1 = every token,
+    K = chunk-aligned starts). Returns {name: {"metrics": {"val/brier1": ...}, "blocks": (sums, counts)}}."""
+    import numpy as np
+
+    from calm_lightning.data.shards import open_shard
+    from calm_lightning.metrics.brier import BrierLM
+    from calm_lightning.metrics.floors import FLOOR_MODELS, CountModel, floor_brier
+
+    meta = dm.meta
+    train = open_shard(dm.prepared.train_path, meta["dtype"], meta["splits"]["train"]["tokens"])
+    model = CountModel.fit(torch.from_numpy(np.asarray(train).astype(np.int64)), dm.vocab_size, max_n)
+    out: dict[str, dict[str, Any]] = {}
+    for name in FLOOR_MODELS:
+        metric, records = BrierLM(max_n=max_n), []
+        for i, batch in enumerate(dm.val_dataloader()):
+            if limit is not None and i >= limit:
+                break
+            sums, counts = floor_brier(model, batch, max_n, unit, name)
+            metric.update(sums, counts)
+            records.append((sums, counts))
+        scores = metric.compute()
+        out[name] = {
+            "metrics": {f"val/{k}": float(v) for k, v in sorted(scores.items())},
+            "blocks": _stack_blocks(records),
+        }
     return out

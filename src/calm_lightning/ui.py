@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Any
 
 from rich.console import Console
@@ -31,6 +33,34 @@ def _fmt(v: Any) -> str:
 _PERCENT_KEYS = ("_acc_",)
 
 
+_BRIER_PART = re.compile(r"(.*/brier(?:\d+|lm))_(se|lo|hi)$")
+
+
+def display_metrics(metrics: dict[str, float]) -> dict[str, Any]:
+    """Metrics for the console: each Brier-n as ``0.0432 ± 0.0021  [0.0391, 0.0473]`` and BrierLM as
+    ``5.72  [5.10, 6.31]`` (their _se/_lo/_hi entries folded in); every other metric unchanged."""
+
+    def num(v: float | None, fmt: str) -> str:
+        return "n/a" if v is None or not math.isfinite(v) else format(v, fmt)
+
+    folded = {m.group(1) for k in metrics if (m := _BRIER_PART.match(k))}
+    out: dict[str, Any] = {}
+    for k, v in metrics.items():
+        if _BRIER_PART.match(k):
+            continue
+        if k not in folded:
+            out[k] = v
+            continue
+        fmt = ".2f" if k.endswith("brierlm") else ".4f"
+        shown = num(v, fmt)
+        if f"{k}_se" in metrics:
+            shown += f" ± {num(metrics[f'{k}_se'], fmt)}"
+        if f"{k}_lo" in metrics:
+            shown += f"  [{num(metrics[f'{k}_lo'], fmt)}, {num(metrics.get(f'{k}_hi'), fmt)}]"
+        out[k] = shown
+    return out
+
+
 def print_run_summary(result: dict[str, Any]) -> None:
     rows = [
         ("model", result["kind"]),
@@ -42,7 +72,7 @@ def print_run_summary(result: dict[str, Any]) -> None:
         ("training tokens/s", f"{result['train_tokens_per_s']:.0f}" if result["train_tokens_per_s"] > 0
          else "n/a (no training step in this session)"),
     ]
-    for k, v in sorted(result["metrics"].items()):
+    for k, v in sorted(display_metrics(result["metrics"]).items()):
         if not k.startswith("val/"):
             continue
         shown = f"{100 * v:.2f}%" if any(s in k for s in _PERCENT_KEYS) else _fmt(v)
@@ -62,6 +92,9 @@ def print_eval(result: dict[str, Any]) -> None:
         shown = f"{100 * v:.2f}%" if any(s in k for s in _PERCENT_KEYS) else _fmt(v)
         rows.append((k, shown))
     print_table("Evaluation", rows)
+    for name, metrics in result.get("floors", {}).items():
+        keep = [(k, v) for k, v in metrics.items() if k.startswith("val/brier")]
+        print_table(f"Floor: {name} model counted on the training split, same positions", keep)
     note = result.get("budget", {}).get("note")
     if note:
         console.print(f"[bold red]WARNING: the checkpoint's run is incomplete: {note}.[/bold red]")

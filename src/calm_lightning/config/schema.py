@@ -106,6 +106,10 @@ class EvalConfig:
     # 2 = the paper's two-sample estimator. 4: lowest variance per second of evaluation, within a few %,
     # for both a sampling- and a data-dominated model (benchmarks/bench_brier_samples.py)
     num_samples: int = 4
+    # calm eval only: score this corpus in full (every document, the run's tokenizer, no re-split)
+    # instead of the validation split; any data.corpus form (path, glob, .jsonl, hf:NAME); "" = off.
+    # data.text_field / doc_separator / hf_split apply to it.
+    corpus: str = ""
     noise_sigmas: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 1.0])  # AE robustness curve
 
 

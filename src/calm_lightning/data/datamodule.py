@@ -178,6 +178,7 @@ class TokenChunkDataModule(L.LightningDataModule):
         self.train_set: TokenBlocks | None = None
         self.val_set: TokenBlocks | StreamBlocks | None = None
         self.eval_corpus_docs = 0  # documents of the eval corpus, once use_eval_corpus ran
+        self._eval_blocks: StreamBlocks | None = None  # kept across setup() calls (Trainer.validate)
 
     def prepare_data(self) -> None:
         # Once per process: callers prepare before sizing the model, then Lightning calls this hook
@@ -198,6 +199,8 @@ class TokenChunkDataModule(L.LightningDataModule):
         splits = meta["splits"]
         self.train_set = TokenBlocks(prepared.train_path, meta["dtype"], splits["train"]["tokens"], block)
         self.val_set = TokenBlocks(prepared.val_path, meta["dtype"], splits["val"]["tokens"], block)
+        if self._eval_blocks is not None:
+            self.val_set = self._eval_blocks
 
     def train_dataloader(self) -> DataLoader:
         dataset = self._require(self.train_set)
@@ -231,7 +234,7 @@ class TokenChunkDataModule(L.LightningDataModule):
             raise CalmError(
                 f"eval corpus {corpus_cfg.corpus!r} has {stream.numel()} tokens, fewer than two chunks of K={self.chunk_size}"
             )
-        self.val_set = blocks
+        self.val_set = self._eval_blocks = blocks
         self.eval_corpus_docs = len(docs)
         return blocks
 

@@ -33,6 +33,9 @@ class _LanguageModelLitModule(ShardedGradientClipping, L.LightningModule):
         super().__init__()
         self.cfg = experiment_from_dict(config)
         self.brier = BrierLM(max_n=self.cfg.eval.brier_max_n)
+        # calm eval / calm compare set a list here to keep every block's (sums, counts) for paired
+        # comparisons between runs scored on the same blocks; None in training.
+        self.block_records: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def build_model(self) -> torch.nn.Module:
         """A fresh network of this module's architecture (random weights)."""
@@ -62,6 +65,8 @@ class _LanguageModelLitModule(ShardedGradientClipping, L.LightningModule):
                                       estimator=self.cfg.eval.estimator, generator=gen,
                                       num_samples=self.cfg.eval.num_samples)
         self.brier.update(sums, counts)  # [B, max_n] each: one block per validation sequence
+        if self.block_records is not None:
+            self.block_records.append((sums.detach().cpu(), counts.detach().cpu()))
 
     def on_validation_epoch_end(self) -> None:
         scores = self.brier.compute()
