@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install prepare train-ae train-lm train-ar compare-heads compare-k test lint format bench tensorboard clean
+.PHONY: help install prepare train-ae train-lm train-ar compare-heads compare-k ablations test lint format bench tensorboard clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -46,6 +46,15 @@ compare-k: $(STAMP) ## Train an autoencoder and CALM-energy per K in 1,2,4,8 and
 	for k in 1 2 4 8; do $(CALM) train experiments/compare/calm_k$$k.yaml logging.resume=true $(ARGS) || exit 1; done
 	$(CALM) train experiments/compare/k_ar_baseline.yaml logging.resume=true $(ARGS)
 	$(CALM) compare runs/calm_k1 runs/calm_k2 runs/calm_k4 runs/calm_k8 runs/k_ar_baseline --out runs/compare_k
+
+ABLATION_AES := ae_l64 ae_l32 ae_1000
+ABLATIONS := base n4 n16 m16 head_blocks2 head_blocks3 head_width512 lr3e-4 lr2e-3 warmup0 batch32 l64 l32 ae1000
+
+ablations: $(STAMP) artifacts/autoencoder.pt ## One-at-a-time CALM ablations on one budget + the baseline, then compare (docs/ablations.md)
+	for ae in $(ABLATION_AES); do $(CALM) train experiments/ablations/$$ae.yaml logging.resume=true $(ARGS) || exit 1; done
+	for run in $(ABLATIONS); do $(CALM) train experiments/ablations/$$run.yaml logging.resume=true $(ARGS) || exit 1; done
+	$(CALM) train experiments/ar_baseline.yaml logging.resume=true $(ARGS)
+	$(CALM) compare $(addprefix runs/abl_,$(ABLATIONS)) runs/ar_baseline --out runs/ablations --gen-tokens 0
 
 test: $(STAMP) ## Run the test suite (CPU, a few minutes)
 	$(VENV)/bin/pytest tests $(ARGS)
