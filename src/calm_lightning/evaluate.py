@@ -47,12 +47,10 @@ EVAL_OVERRIDE_PREFIXES = (
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    path = Path(path)
-    if path.is_dir():
-        path = path / "checkpoints" / "last.ckpt"
-    if not path.is_file():
-        raise CalmError(f"checkpoint not found: {path}")
-    return path
+    """A .ckpt, a run's version folder or ``runs/<name>`` (latest version): `runs.resolve_run_reference`."""
+    from calm_lightning.runs import resolve_run_reference
+
+    return resolve_run_reference(path)
 
 
 def load_checkpoint(ckpt: Path) -> dict[str, Any]:

@@ -94,3 +94,21 @@ def check_resumable(ckpt: Path, model_section: dict, kind: str) -> None:
                 f"{ckpt}: cannot resume, it was trained with a different model.{key}; "
                 "use another logging.name or logging.resume=false"
             )
+
+
+def resolve_run_reference(path: str | Path) -> Path:
+    """The checkpoint a run reference names: a ``.ckpt`` file, a ``runs/<name>/version_<n>`` folder
+    (its ``checkpoints/last.ckpt``) or ``runs/<name>`` (its latest version holding one)."""
+    p = Path(path)
+    if p.is_dir():
+        direct = p / "checkpoints" / "last.ckpt"
+        if direct.is_file():
+            return direct
+        for v in reversed(_versions(p)):
+            candidate = p / f"version_{v}" / "checkpoints" / "last.ckpt"
+            if candidate.is_file():
+                return candidate
+        p = direct
+    if not p.is_file():
+        raise CalmError(f"checkpoint not found: {p} (pass a .ckpt, runs/<name>/version_<n> or runs/<name>)")
+    return p
