@@ -104,6 +104,19 @@ def find_tokenizer(exp, fingerprint: str, chunk_size: int) -> Path:
     return dm.tokenizer_path
 
 
+def embedded_tokenizer(blob: dict, fingerprint: str):
+    """The tokenizer stored in a checkpoint's DataModule state, if its sha256 is ``fingerprint``."""
+    import hashlib
+
+    from tokenizers import Tokenizer
+
+    state = blob.get("TokenChunkDataModule") or {}
+    text = state.get("tokenizer_json")
+    if not text or (fingerprint and hashlib.sha256(text.encode("utf-8")).hexdigest() != fingerprint):
+        return None
+    return Tokenizer.from_str(text)
+
+
 def load_for_sampling(checkpoint: str | Path, device: str = "auto") -> LoadedModel:
     """Load a CALM or baseline checkpoint (a .ckpt or a run directory) and its tokenizer."""
     from calm_lightning.data.tokenizer import load_tokenizer, special_ids
@@ -126,12 +139,15 @@ def load_for_sampling(checkpoint: str | Path, device: str = "auto") -> LoadedMod
         if kind == "calm"
         else 1
     )
-    tokenizer = load_tokenizer(find_tokenizer(exp, hparams.get("tokenizer_fingerprint", ""), max(K, 1)))
+    blob = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+    fingerprint = hparams.get("tokenizer_fingerprint", "")
+    tokenizer = embedded_tokenizer(blob, fingerprint)
+    if tokenizer is None:  # checkpoints written before tokenizers were embedded
+        tokenizer = load_tokenizer(find_tokenizer(exp, fingerprint, max(K, 1)))
     module = MODULES[kind].load_from_checkpoint(ckpt, map_location="cpu")
     model = module.model.to(dev).eval()
     from calm_lightning.callbacks.budget import GUARD_STATE_KEY, budget_status
 
-    blob = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
     step = int(blob.get("global_step", 0))
     budget = budget_status(step, exp.trainer.max_steps, blob.get("callbacks", {}).get(GUARD_STATE_KEY))
     return LoadedModel(model, tokenizer, special_ids(tokenizer).eos, kind, ckpt, step, K, dev, budget)

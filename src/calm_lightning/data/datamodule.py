@@ -297,6 +297,8 @@ class TokenChunkDataModule(L.LightningDataModule):
         return {
             "corpus_fingerprint": meta["corpus_fingerprint"],
             "tokenizer_fingerprint": meta["tokenizer_fingerprint"],
+            # the tokenizer itself, so that a checkpoint copied alone can still generate
+            "tokenizer_json": Path(self._prepared.tokenizer_path).read_bytes().decode("utf-8"),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
