@@ -225,3 +225,34 @@ def test_eval_scores_the_whole_split_floors_and_an_external_corpus(tiny_ar_run, 
     assert ext["metrics"]["val/brier1"] != full["metrics"]["val/brier1"]
     rc, out, _ = run_cli(capsys, "eval", tiny_ar_run.checkpoint, "--floors")
     assert rc == 0 and "Floor: bigram" in out and "±" in out
+
+
+def test_init_from_starts_a_new_run_from_another_runs_weights(tiny_ar_run, tiny_ae_run, capsys):
+    """model.init_from: a new run (step 0, new optimiser) starting from another run's weights;
+    a shape mismatch or another model kind is one line naming the problem."""
+    ckpt = tiny_ar_run.checkpoint
+    rc, _, err = _train_variant(capsys, tiny_ar_run, "logging.name=ft", f"model.init_from={ckpt}",
+                                "trainer.max_steps=1", "optim.lr=1e-12", "optim.weight_decay=0")
+    assert rc == 0, err
+    source = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    tuned = torch.load(tiny_ar_run.runs_dir / "ft" / "version_0" / "checkpoints" / "last.ckpt",
+                       map_location="cpu", weights_only=False)
+    assert tuned["global_step"] == 1
+    for k, v in source.items():  # one step at lr 1e-12: still the source's weights
+        torch.testing.assert_close(tuned["state_dict"][k], v, atol=1e-6, rtol=0)
+    rc, _, err = _train_variant(capsys, tiny_ar_run, "logging.name=ft_bad", f"model.init_from={ckpt}",
+                                "model.backbone.ffn_size=48")
+    assert rc == 2 and "has shape" in err and "ffn" in err and err.count("\n") == 1
+    rc, _, err = _train_variant(capsys, tiny_ar_run, "logging.name=ft_kind", f"model.init_from={tiny_ae_run.checkpoint}")
+    assert rc == 2 and "autoencoder checkpoint" in err
+
+
+def test_init_from_an_autoencoder_export(tiny_ae_run, capsys):
+    rc, _, err = _train_variant(capsys, tiny_ae_run, "logging.name=ae_ft", f"model.init_from={tiny_ae_run.export_path}",
+                                "logging.export_path=''", "trainer.max_steps=1", "optim.lr=1e-12", "optim.weight_decay=0")
+    assert rc == 0, err
+    export = torch.load(tiny_ae_run.export_path, map_location="cpu", weights_only=False)["state_dict"]
+    tuned = torch.load(tiny_ae_run.runs_dir / "ae_ft" / "version_0" / "checkpoints" / "last.ckpt",
+                       map_location="cpu", weights_only=False)["state_dict"]
+    for k, v in export.items():
+        torch.testing.assert_close(tuned[f"model.{k}"], v, atol=1e-6, rtol=0)

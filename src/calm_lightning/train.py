@@ -61,6 +61,39 @@ def build_module(exp: ExperimentConfig, config: dict[str, Any], dm: TokenChunkDa
     return module
 
 
+def init_weights_from(model: torch.nn.Module, source: str, kind: str) -> None:
+    """Copy every parameter and buffer of ``model`` from ``source`` (``model.init_from``): a run or
+    .ckpt of the same model kind, or an autoencoder export for an autoencoder. Shapes must match; the
+    first mismatch is one line naming the parameter."""
+    from calm_lightning.evaluate import load_checkpoint
+    from calm_lightning.runs import resolve_run_reference
+
+    where = f"model.init_from={source}"
+    path = Path(source)
+    if path.suffix == ".pt" and path.is_file():
+        if kind != "autoencoder":
+            raise CalmError(f"{where}: an autoencoder export initialises an autoencoder run, not a {kind} run")
+        state = load_autoencoder(path)[0].state_dict()
+    else:
+        blob = load_checkpoint(resolve_run_reference(path))
+        stored_kind = blob["hyper_parameters"].get("config", {}).get("model", {}).get("kind")
+        if stored_kind != kind:
+            raise CalmError(f"{where}: that is a {stored_kind} checkpoint, this run trains a {kind} model")
+        state = {k[len("model."):]: v for k, v in blob["state_dict"].items() if k.startswith("model.")}
+    target = model.state_dict()
+    for name, value in target.items():
+        if name not in state:
+            raise CalmError(f"{where}: parameter {name} is missing there")
+        if tuple(state[name].shape) != tuple(value.shape):
+            raise CalmError(
+                f"{where}: parameter {name} has shape {tuple(state[name].shape)} there but {tuple(value.shape)} here"
+            )
+    extra = sorted(set(state) - set(target))
+    if extra:
+        raise CalmError(f"{where}: parameter {extra[0]} there has no counterpart here")
+    model.load_state_dict(state)
+
+
 def world_size(exp: ExperimentConfig) -> int:
     """Processes the Trainer will run: devices per node x nodes ("auto": every visible GPU, else 1)."""
     t = exp.trainer
@@ -160,6 +193,8 @@ def train(cfg: DictConfig, *, quiet: bool = False, callbacks: list[L.Callback] |
     kind = exp.model.kind
     dm = build_datamodule(exp, exp.model.autoencoder.chunk_size)
     module = build_module(exp, config, dm)
+    if exp.model.init_from:
+        init_weights_from(module.model, exp.model.init_from, kind)
     if exp.trainer.compile:
         module.model = torch.compile(module.model)
 

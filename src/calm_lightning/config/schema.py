@@ -53,6 +53,9 @@ class ModelConfig:
     head: HeadConfig = field(default_factory=HeadConfig)
     autoencoder_path: str = "artifacts/autoencoder.pt"  # exported autoencoder used by CALM
     tie_embeddings: bool = False  # token baseline: tie input embedding and LM head
+    # fine-tuning: start from these weights (a run, a .ckpt or, for an autoencoder, an export) with a
+    # new optimiser and schedule; every parameter must exist there with the same shape; "" = random init
+    init_from: str = ""
 
 
 @dataclass
