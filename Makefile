@@ -39,7 +39,7 @@ artifacts/autoencoder.pt: | $(STAMP)
 compare-heads: $(STAMP) artifacts/autoencoder.pt ## Train CALM with the energy, flow and diffusion heads on one budget, then compare (~35 min on 2 cores)
 	for head in energy flow diffusion; do \
 		$(CALM) train experiments/compare/heads_$$head.yaml logging.resume=true $(ARGS) || exit 1; done
-	$(CALM) compare runs/heads_energy runs/heads_flow runs/heads_diffusion --out runs/compare_heads
+	$(CALM) compare runs/heads_energy runs/heads_flow runs/heads_diffusion --out runs/compare_heads --limit-batches 8
 
 compare-k: $(STAMP) ## Train an autoencoder and CALM-energy per K in 1,2,4,8 and the token baseline, then compare (~73 min on 2 cores)
 	for k in 1 2 4 8; do $(CALM) train experiments/compare/ae_k$$k.yaml logging.resume=true $(ARGS) || exit 1; done
@@ -54,7 +54,7 @@ ablations: $(STAMP) artifacts/autoencoder.pt ## One-at-a-time CALM ablations on 
 	for ae in $(ABLATION_AES); do $(CALM) train experiments/ablations/$$ae.yaml logging.resume=true $(ARGS) || exit 1; done
 	for run in $(ABLATIONS); do $(CALM) train experiments/ablations/$$run.yaml logging.resume=true $(ARGS) || exit 1; done
 	$(CALM) train experiments/ar_baseline.yaml logging.resume=true $(ARGS)
-	$(CALM) compare $(addprefix runs/abl_,$(ABLATIONS)) runs/ar_baseline --out runs/ablations --gen-tokens 0
+	$(CALM) compare $(addprefix runs/abl_,$(ABLATIONS)) runs/ar_baseline --out runs/ablations --limit-batches 8 --gen-tokens 0
 
 test: $(STAMP) ## Run the test suite (CPU, a few minutes)
 	$(VENV)/bin/pytest tests $(ARGS)
