@@ -33,7 +33,7 @@ def test_calm_eval_reports_intervals_and_num_samples(tiny_calm_run, capsys):
     rc, out, _ = _eval(capsys, "eval", tiny_calm_run.checkpoint, "--json")
     assert rc == 0
     result = json.loads(out)
-    assert result["brier_num_samples"] == 4  # the default S
+    assert result["brier_num_samples"] == 16  # the default S
     _check_intervals(result["metrics"])
     rc, out, _ = _eval(capsys, "eval", tiny_calm_run.checkpoint, "eval.num_samples=2", "--json")
     assert rc == 0
