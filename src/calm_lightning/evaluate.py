@@ -69,11 +69,6 @@ def load_checkpoint(ckpt: Path) -> dict[str, Any]:
         raise CalmError(f"{ckpt}: not a readable calm-lightning checkpoint ({type(e).__name__})") from None
 
 
-def load_checkpoint_config(ckpt: Path) -> dict[str, Any]:
-    """The hyperparameters stored in a checked checkpoint (`load_checkpoint`)."""
-    return load_checkpoint(ckpt)["hyper_parameters"]
-
-
 def evaluate(
     checkpoint: str | Path,
     overrides: list[str] = (),
@@ -207,18 +202,19 @@ def score_floors(dm, *, unit: int, max_n: int, limit: int | None = None) -> dict
     meta = dm.meta
     train = open_shard(dm.prepared.train_path, meta["dtype"], meta["splits"]["train"]["tokens"])
     model = CountModel.fit(torch.from_numpy(np.asarray(train).astype(np.int64)), dm.vocab_size, max_n)
-    out: dict[str, dict[str, Any]] = {}
-    for name in FLOOR_MODELS:
-        metric, records = BrierLM(max_n=max_n), []
-        for i, batch in enumerate(dm.val_dataloader()):
-            if limit is not None and i >= limit:
-                break
+    metrics = {name: BrierLM(max_n=max_n) for name in FLOOR_MODELS}
+    records: dict[str, list] = {name: [] for name in FLOOR_MODELS}
+    for i, batch in enumerate(dm.val_dataloader()):  # one pass over the blocks for both models
+        if limit is not None and i >= limit:
+            break
+        for name in FLOOR_MODELS:
             sums, counts = floor_brier(model, batch, max_n, unit, name)
-            metric.update(sums, counts)
-            records.append((sums, counts))
-        scores = metric.compute()
-        out[name] = {
-            "metrics": {f"val/{k}": float(v) for k, v in sorted(scores.items())},
-            "blocks": _stack_blocks(records),
+            metrics[name].update(sums, counts)
+            records[name].append((sums, counts))
+    return {
+        name: {
+            "metrics": {f"val/{k}": float(v) for k, v in sorted(metrics[name].compute().items())},
+            "blocks": _stack_blocks(records[name]),
         }
-    return out
+        for name in FLOOR_MODELS
+    }

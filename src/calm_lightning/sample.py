@@ -120,11 +120,12 @@ def embedded_tokenizer(blob: dict, fingerprint: str):
 def load_for_sampling(checkpoint: str | Path, device: str = "auto") -> LoadedModel:
     """Load a CALM or baseline checkpoint (a .ckpt or a run directory) and its tokenizer."""
     from calm_lightning.data.tokenizer import load_tokenizer, special_ids
-    from calm_lightning.evaluate import MODULES, load_checkpoint_config, resolve_checkpoint
+    from calm_lightning.evaluate import MODULES, load_checkpoint, resolve_checkpoint
     from calm_lightning.lit.common import experiment_from_dict
 
     ckpt = resolve_checkpoint(checkpoint)
-    hparams = load_checkpoint_config(ckpt)
+    blob = load_checkpoint(ckpt)  # CRC-checked and memory-mapped once: config, tokenizer, step, budget
+    hparams = blob["hyper_parameters"]
     if "config" not in hparams:
         raise CalmError(f"{ckpt}: checkpoint has no stored config; was it written by calm-lightning?")
     exp = experiment_from_dict(hparams["config"])
@@ -139,7 +140,6 @@ def load_for_sampling(checkpoint: str | Path, device: str = "auto") -> LoadedMod
         if kind == "calm"
         else 1
     )
-    blob = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
     fingerprint = hparams.get("tokenizer_fingerprint", "")
     tokenizer = embedded_tokenizer(blob, fingerprint)
     if tokenizer is None:  # checkpoints written before tokenizers were embedded
