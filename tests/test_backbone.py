@@ -86,13 +86,13 @@ def test_branches_sharing_a_cached_prefix_equal_separate_forwards(model):
     assert cache.length == 5 + 2 * m
 
 
-def test_batched_positions_and_cache_select_repeat_crop(model):
-    """Per-row positions [B, T]; branching a cached batch with repeat_interleave / select; crop."""
+def test_batched_positions_and_cache_select_crop(model):
+    """Per-row positions [B, T]; branching a cached batch with select (repeated rows); crop."""
     prefix = torch.randn(2, 4, 32)
     cont = torch.randn(4, 2, 32)  # two continuations per prefix row
     cache = model.new_cache()
     model(prefix, kv_cache=cache)
-    branched = cache.clone().repeat_interleave(2)  # rows 0,0,1,1
+    branched = cache.clone().select(torch.tensor([0, 0, 1, 1]))  # each row twice
     assert branched.batch_size == 4 and cache.batch_size == 2
     positions = torch.arange(4, 6).expand(4, 2)  # [B, T]
     out = model(cont, positions=positions, kv_cache=branched)

@@ -10,12 +10,9 @@ import math
 import pytest
 import torch
 
+from brier_reference import sample_brier_terms
 from calm_lightning.metrics import BrierLM
-from calm_lightning.metrics.functional import (
-    brier_intervals,
-    normal_quantile,
-    sample_brier_terms,
-)
+from calm_lightning.metrics.functional import brier_intervals, normal_quantile
 
 MAX_N = 4
 Z95 = normal_quantile(0.95)

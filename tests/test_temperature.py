@@ -9,7 +9,6 @@ import torch
 
 from calm_lightning.errors import CalmError
 from calm_lightning.sampling.temperature import (
-    batch_log_weights,
     batch_temperature_probs,
     batch_temperature_sample,
     exact_temperature_sample,
@@ -21,6 +20,22 @@ from calm_lightning.sampling.temperature import (
 
 # Significance for every chi-square test below; each test also checks its power against a wrong target.
 ALPHA = 1e-3
+
+
+# Reference (test-only): the paper's weight as a generalised binomial, straight from lgamma.
+def batch_log_weights(count: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    """log w(c; s) = log Gamma(c+1) - log Gamma(c-s+1) - log Gamma(s+1), the generalised binomial C(c, s).
+
+    count: [C, N] counts (any real dtype); level: [C] exponent s used per context. Returns [C, N] with
+    -inf where c - s + 1 <= 0, i.e. exactly when c < floor(s) for non-integer s and c < s for integer
+    s. For integer s this is log binom(c, s): the paper's weight.
+    """
+    level = level.unsqueeze(-1)  # [C, 1]
+    shifted = count - level + 1
+    # lgamma is finite on (0, 1) and +inf at 0; negative arguments are masked just below.
+    log_w = torch.lgamma(count + 1) - torch.lgamma(shifted) - torch.lgamma(level + 1)
+    return log_w.masked_fill(shifted <= 0, float("-inf"))
+
 
 
 def chi_square_pvalue(observed: torch.Tensor, expected: torch.Tensor) -> float:

@@ -10,30 +10,22 @@ from calm_lightning.metrics.estimators import (
     token_two_sample_estimate,
 )
 from calm_lightning.metrics.functional import (
-    brier_indicator_sums,
     brier_intervals,
     brierlm_from_sums,
     cluster_covariance,
-    exact_brier,
-    masked_brier_indicator_sums,
     normal_quantile,
-    sample_brier_terms,
 )
 
 __all__ = [
     "BrierLM",
     "ESTIMATORS",
-    "brier_indicator_sums",
     "brier_intervals",
     "brierlm_from_sums",
     "calm_chunk_estimate",
     "calm_rollout_estimate",
     "cluster_covariance",
     "estimate_brier",
-    "exact_brier",
-    "masked_brier_indicator_sums",
     "normal_quantile",
-    "sample_brier_terms",
     "token_low_variance_estimate",
     "token_two_sample_estimate",
 ]

@@ -22,7 +22,7 @@ n-gram. Three quantities are needed per start:
   passes through a given x_{1:r} is P(x_{1:r})^2, which makes cumprod(agreement) unbiased for the
   collision probability (within a chunk the comparison is token-wise, giving partial n).
 - S samples (CALM, ``num_samples`` = S >= 2): the U-statistic 2 mean_s 1{x_s = y} - mean_{s<t}
-  1{x_s = x_t} (`functional.sample_brier_terms`), S = 2 being the form above. Accuracy uses the S
+  1{x_s = x_t} (`functional.sample_accuracy`, `sample_collision`), S = 2 being the form above. Accuracy uses the S
   teacher-forced samples; for collisions beyond the first chunk (K < max_n), S > 2 rolls out S
   branches per start, each continued with its own sample: two branches that agree so far share
   their context, so their next chunks are two independent draws from it, and 1{branches s, t agree

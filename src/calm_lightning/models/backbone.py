@@ -62,10 +62,6 @@ class KVCache:
         """Keep/gather batch rows: index [B'] (long; repeats allowed) -> cache of batch B'. In place."""
         return self._apply(lambda t: t.index_select(0, index.to(t.device)))
 
-    def repeat_interleave(self, n: int) -> KVCache:
-        """Each batch row repeated n times consecutively (row b -> rows b*n .. b*n+n-1). In place."""
-        return self._apply(lambda t: t.repeat_interleave(n, dim=0))
-
     def crop(self, length: int) -> KVCache:
         """Keep the first ``length`` cached positions. In place."""
         if not 0 <= length <= self.length:

@@ -160,20 +160,6 @@ def unique_counts(candidates: torch.Tensor) -> ChunkCounts:
 # ---------------------------------------------------------------------------------------------------
 
 
-def batch_log_weights(count: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
-    """log w(c; s) = log Gamma(c+1) - log Gamma(c-s+1) - log Gamma(s+1), the generalised binomial C(c, s).
-
-    count: [C, N] counts (any real dtype); level: [C] exponent s used per context. Returns [C, N] with
-    -inf where c - s + 1 <= 0, i.e. exactly when c < floor(s) for non-integer s and c < s for integer
-    s. For integer s this is log binom(c, s): the paper's weight.
-    """
-    level = level.unsqueeze(-1)  # [C, 1]
-    shifted = count - level + 1
-    # lgamma is finite on (0, 1) and +inf at 0; negative arguments are masked just below.
-    log_w = torch.lgamma(count + 1) - torch.lgamma(shifted) - torch.lgamma(level + 1)
-    return log_w.masked_fill(shifted <= 0, float("-inf"))
-
-
 @dataclass
 class BatchSampleInfo:
     """What the batch sampler did per context ([C] each).
@@ -232,7 +218,8 @@ def _run_weights(size: torch.Tensor, temperature: float) -> tuple[torch.Tensor, 
     """Weights per run, C(c, level) / C(max_count, level) in [0, 1], from the run sizes.
 
     size: [C, N] run lengths by run id (0 = unused id, weight 0). Returns weights [C, N], level [C]
-    and max_count [C]. The same ratios as ``batch_log_weights``.
+    and max_count [C]. The same ratios as C(c, level) / C(max_count, level) with generalised binomials
+    (tests/test_temperature.py checks them against an lgamma reference).
     """
     s, n, _ = inverse_temperature(temperature)
     dtype = _weight_dtype(size.device)
