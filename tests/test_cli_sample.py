@@ -6,9 +6,10 @@ import pytest
 from rich.console import Console
 
 from calm_lightning.callbacks.samples import TemperatureSamples
+from calm_lightning.checkpoints import load_language_model as load_for_sampling
 from calm_lightning.cli import main
-from calm_lightning.sample import load_for_sampling, sample
 from calm_lightning.sampling.generate import GenerationConfig
+from calm_lightning.sampling.text import sample_text as sample
 
 
 def run_sample(capsys, *args: str) -> tuple[int, str, str]:
@@ -87,12 +88,12 @@ def test_calm_exact_sampler_and_baseline_batch_of_prompts(tiny_calm_run, tiny_ar
 
 
 def test_the_tokenizer_is_found_without_preparing_the_data(tiny_ar_run, monkeypatch):
-    import calm_lightning.train
+    from calm_lightning.data.datamodule import TokenChunkDataModule
 
     def fail(*a, **k):
         raise AssertionError("the data was prepared again")
 
-    monkeypatch.setattr(calm_lightning.train, "build_datamodule", fail)
+    monkeypatch.setattr(TokenChunkDataModule, "from_config", fail)
     loaded = load_for_sampling(tiny_ar_run.run_dir, "cpu")
     assert loaded.kind == "ar" and loaded.chunk_size == 1
     assert loaded.tokenizer.decode(loaded.tokenizer.encode("the king").ids) == "the king"

@@ -89,7 +89,7 @@ def test_wrong_type_in_yaml(tmp_path):
 
 
 def test_tokens_per_step_sets_accumulation_and_must_divide():
-    from calm_lightning.train import accumulation
+    from calm_lightning.training import accumulation
 
     exp = to_object(load_config(None, ["data.batch_size=4", "data.block_size=64", "optim.tokens_per_step=1024",
                                        "trainer.accelerator=cpu"]))

@@ -22,7 +22,7 @@ from calm_lightning.models.autoencoder import ChunkAutoencoder
 from calm_lightning.models.calm import CALM
 from calm_lightning.models.config import AutoencoderConfig
 from calm_lightning.models.token_lm import TokenLM
-from calm_lightning.train import accumulation
+from calm_lightning.training import accumulation
 
 PAPER = Path(__file__).resolve().parents[1] / "experiments" / "paper"
 LLAMA3_VOCAB = 128_256

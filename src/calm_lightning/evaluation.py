@@ -1,4 +1,6 @@
-"""`calm eval`: validation metrics of a checkpoint on a (possibly different) corpus.
+"""Evaluation of a checkpoint (`calm eval`, `calm compare`, the API): validation metrics of a
+checkpoint on its validation split or another corpus. The metric maths lives in `metrics/`; this
+module runs it over a checkpoint's data with the Trainer.
 
 CALM and baseline checkpoints report BrierLM and Brier-1..n plus their loss; autoencoder checkpoints
 report token and chunk accuracies (z = mu, posterior sample, added noise). Brier-n come with their
@@ -16,15 +18,12 @@ import lightning as L
 import torch
 from omegaconf import OmegaConf
 
-from calm_lightning.callbacks.budget import GUARD_STATE_KEY, budget_status
+from calm_lightning.checkpoints import read_checkpoint
 from calm_lightning.config.loader import load_config_from_dict
+from calm_lightning.data.datamodule import TokenChunkDataModule
 from calm_lightning.errors import CalmError
-from calm_lightning.lit.autoencoder_module import AutoencoderLitModule
-from calm_lightning.lit.lm_modules import CALMLitModule, TokenLMLitModule
 from calm_lightning.utils.hardware import resolve_precision
-from calm_lightning.utils.io import torch_file_problem
 
-MODULES = {"autoencoder": AutoencoderLitModule, "calm": CALMLitModule, "ar": TokenLMLitModule}
 # Sampling-only head settings change no weights (the head is rebuilt from the overridden config).
 HEAD_SAMPLING_KEYS = (
     "model.head.flow.num_steps",
@@ -46,29 +45,6 @@ EVAL_OVERRIDE_PREFIXES = (
 )
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A .ckpt, a run's version folder or ``runs/<name>`` (latest version): `runs.resolve_run_reference`."""
-    from calm_lightning.runs import resolve_run_reference
-
-    return resolve_run_reference(path)
-
-
-def load_checkpoint(ckpt: Path) -> dict[str, Any]:
-    """A checkpoint (memory-mapped) with its hyperparameters, after checking every CRC-32 of the file
-    (torch.load alone would accept a truncated or bit-flipped checkpoint and use wrong weights)."""
-    problem = torch_file_problem(ckpt)
-    if problem is not None:
-        raise CalmError(
-            f"{ckpt}: corrupt or truncated checkpoint ({problem}); use another checkpoint of the run"
-        )
-    try:
-        blob = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
-        blob["hyper_parameters"]  # every Lightning checkpoint has it: KeyError (below) otherwise
-        return blob
-    except Exception as e:  # noqa: BLE001 - every unreadable checkpoint is the same user-facing problem
-        raise CalmError(f"{ckpt}: not a readable calm-lightning checkpoint ({type(e).__name__})") from None
-
-
 def evaluate(
     checkpoint: str | Path,
     overrides: list[str] = (),
@@ -87,13 +63,8 @@ def evaluate(
     """
     import dataclasses
 
-    from calm_lightning.train import build_datamodule
-
-    ckpt = resolve_checkpoint(checkpoint)
-    blob = load_checkpoint(ckpt)
-    hparams = blob["hyper_parameters"]
-    if "config" not in hparams:
-        raise CalmError(f"{ckpt}: checkpoint has no stored config; was it written by calm-lightning?")
+    checkpoint = read_checkpoint(checkpoint)
+    ckpt, hparams = checkpoint.path, checkpoint.hparams
     for o in overrides:
         if not o.startswith(EVAL_OVERRIDE_PREFIXES):
             raise CalmError(
@@ -104,8 +75,13 @@ def evaluate(
     cfg = load_config_from_dict(hparams["config"], overrides)
     exp = OmegaConf.to_object(cfg)
     kind = exp.model.kind
-    K = hparams.get("autoencoder_config", {}).get("chunk_size", exp.model.autoencoder.chunk_size)
-    dm = build_datamodule(exp, K)
+    K = checkpoint.chunk_size
+    if exp.tokenizer.path is None and not any(o.startswith("tokenizer.") for o in overrides):
+        # the tokenizer the checkpoint carries, rather than training one again from the corpus
+        embedded = checkpoint.materialise_tokenizer(exp.data.cache_dir)
+        if embedded is not None:
+            exp.tokenizer.path = str(embedded)
+    dm = TokenChunkDataModule.from_config(exp, K)
     stored_fp = hparams.get("tokenizer_fingerprint")
     if stored_fp and stored_fp != dm.tokenizer_fingerprint:
         raise CalmError(
@@ -116,7 +92,7 @@ def evaluate(
         if kind == "autoencoder":
             raise CalmError("eval.corpus scores language models; evaluate an autoencoder on data.corpus instead")
         dm.use_eval_corpus(dataclasses.replace(exp.data, corpus=exp.eval.corpus))
-    module = MODULES[kind].load_from_checkpoint(ckpt, map_location="cpu", config=OmegaConf.to_container(cfg))
+    module = checkpoint.build_module(config=OmegaConf.to_container(cfg))
     if keep_blocks and kind != "autoencoder":
         module.block_records = []
     # The whole split unless asked otherwise: training's limit_val_batches was a cost choice for
@@ -135,13 +111,11 @@ def evaluate(
     start = time.perf_counter()
     metrics = trainer.validate(module, datamodule=dm, verbose=False)[0]
     seconds = time.perf_counter() - start
-    step = int(blob.get("global_step", 0))
-    guard = blob.get("callbacks", {}).get(GUARD_STATE_KEY)
     result: dict[str, Any] = {
         "checkpoint": str(ckpt),
         "kind": kind,
-        "step": step,
-        "budget": budget_status(step, exp.trainer.max_steps, guard),
+        "step": checkpoint.step,
+        "budget": checkpoint.budget(),
         "metrics": {k: float(v) for k, v in sorted(metrics.items())},
         "eval_seconds": seconds,
         "eval_set": {

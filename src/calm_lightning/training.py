@@ -37,13 +37,6 @@ from calm_lightning.utils.hardware import resolve_precision
 from calm_lightning.utils.io import atomic_write_text
 
 
-def build_datamodule(exp: ExperimentConfig, chunk_size: int) -> TokenChunkDataModule:
-    dm = TokenChunkDataModule(exp.data, exp.tokenizer, chunk_size=chunk_size, seed=exp.trainer.seed)
-    dm.prepare_data()
-    dm.setup("fit")
-    return dm
-
-
 def build_module(exp: ExperimentConfig, config: dict[str, Any], dm: TokenChunkDataModule) -> L.LightningModule:
     fingerprint = dm.tokenizer_fingerprint
     kind = exp.model.kind
@@ -65,8 +58,7 @@ def init_weights_from(model: torch.nn.Module, source: str, kind: str) -> None:
     """Copy every parameter and buffer of ``model`` from ``source`` (``model.init_from``): a run or
     .ckpt of the same model kind, or an autoencoder export for an autoencoder. Shapes must match; the
     first mismatch is one line naming the parameter."""
-    from calm_lightning.evaluate import load_checkpoint
-    from calm_lightning.runs import resolve_run_reference
+    from calm_lightning.checkpoints import read_checkpoint
 
     where = f"model.init_from={source}"
     path = Path(source)
@@ -75,11 +67,10 @@ def init_weights_from(model: torch.nn.Module, source: str, kind: str) -> None:
             raise CalmError(f"{where}: an autoencoder export initialises an autoencoder run, not a {kind} run")
         state = load_autoencoder(path)[0].state_dict()
     else:
-        blob = load_checkpoint(resolve_run_reference(path))
-        stored_kind = blob["hyper_parameters"].get("config", {}).get("model", {}).get("kind")
-        if stored_kind != kind:
-            raise CalmError(f"{where}: that is a {stored_kind} checkpoint, this run trains a {kind} model")
-        state = {k[len("model."):]: v for k, v in blob["state_dict"].items() if k.startswith("model.")}
+        ckpt = read_checkpoint(path)
+        if ckpt.kind != kind:
+            raise CalmError(f"{where}: that is a {ckpt.kind} checkpoint, this run trains a {kind} model")
+        state = {k[len("model."):]: v for k, v in ckpt.blob["state_dict"].items() if k.startswith("model.")}
     target = model.state_dict()
     for name, value in target.items():
         if name not in state:
@@ -191,7 +182,7 @@ def train(cfg: DictConfig, *, quiet: bool = False, callbacks: list[L.Callback] |
         torch.set_num_threads(exp.trainer.threads)
     L.seed_everything(exp.trainer.seed, workers=True, verbose=False)
     kind = exp.model.kind
-    dm = build_datamodule(exp, exp.model.autoencoder.chunk_size)
+    dm = TokenChunkDataModule.from_config(exp, exp.model.autoencoder.chunk_size)
     module = build_module(exp, config, dm)
     if exp.model.init_from:
         init_weights_from(module.model, exp.model.init_from, kind)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
@@ -174,3 +175,15 @@ def print_samples(result, stream: SampleStream | None = None) -> None:
         err_console.print(f"note: the batch sampler fell back to a lower level on {fallbacks['batch']} chunk(s): no "
                           "chunk appeared 1/T times among --num-candidates", style="yellow", soft_wrap=True,
                           highlight=False)
+
+
+@contextmanager
+def progress_bar(description: str, total: int, unit: str = "items"):
+    """A rich progress bar on standard error; yields ``advance(done)`` to report the items done so far."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn(f"{description}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
+               TimeRemainingColumn())
+    with Progress(*columns, console=err_console, transient=True) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda done: progress.update(task, completed=done)

@@ -22,7 +22,7 @@ import lightning as L
 import torch
 
 from calm_lightning.config.loader import load_config
-from calm_lightning.train import train
+from calm_lightning.training import train
 
 
 class SyncProbe(L.Callback):

@@ -160,14 +160,14 @@ def _sync(device: torch.device) -> None:
 
 def load_run(path: str | Path, *, gen_tokens: int = 32, device: str = "auto") -> RunRecord:
     """Read one run: logs, config, checkpoint (head size, FLOPs) and, if gen_tokens > 0, generation speed."""
+    from calm_lightning.checkpoints import load_language_model
     from calm_lightning.flops import training_flops_per_token
-    from calm_lightning.sample import load_for_sampling
 
     run_dir = resolve_run_dir(path)
     exp = comparable_config(run_dir)
     kind = exp.model.kind
     curves, train_time = read_scalars(run_dir)
-    loaded = load_for_sampling(run_dir, device)
+    loaded = load_language_model(run_dir, device)
     model = loaded.model
     t = exp.trainer
     world = t.num_nodes * (int(t.devices) if t.devices.isdigit() else 1)

@@ -45,7 +45,7 @@ def sampling_sweep(
 
     Nothing to do (empty list) unless a flow or diffusion run is among ``runs``.
     """
-    from calm_lightning.evaluate import evaluate
+    from calm_lightning.evaluation import evaluate
 
     if not any(r.head in ("flow", "diffusion") for r in runs):
         return []
@@ -102,7 +102,7 @@ def score_runs(
     """Evaluate every run on its evaluation blocks (whole validation split unless ``limit_batches``),
     keeping per-block sums (``run.scores``, ``run.blocks``, ``run.eval_key``); returns the floors,
     one per distinct (blocks, positions)."""
-    from calm_lightning.evaluate import evaluate
+    from calm_lightning.evaluation import evaluate
 
     floors: dict[tuple, list[FloorRecord]] = {}
     for run in runs:

@@ -180,6 +180,14 @@ class TokenChunkDataModule(L.LightningDataModule):
         self.eval_corpus_docs = 0  # documents of the eval corpus, once use_eval_corpus ran
         self._eval_blocks: StreamBlocks | None = None  # kept across setup() calls (Trainer.validate)
 
+    @classmethod
+    def from_config(cls, exp, chunk_size: int, *, quiet: bool = False) -> TokenChunkDataModule:
+        """The DataModule of an ExperimentConfig, prepared and set up (every command starts here)."""
+        dm = cls(exp.data, exp.tokenizer, chunk_size=chunk_size, seed=exp.trainer.seed, quiet=quiet)
+        dm.prepare_data()
+        dm.setup("fit")
+        return dm
+
     def prepare_data(self) -> None:
         # Once per process: callers prepare before sizing the model, then Lightning calls this hook
         # again in fit/validate, where a second pass would only re-read the corpus to confirm it.

@@ -1,43 +1,20 @@
-"""`calm sample`: continue text prompts with a trained CALM or token-baseline checkpoint.
+"""Text in, text out: continue prompts with a loaded language model (`checkpoints.LoadedModel`).
 
-The checkpoint's stored config names everything else: the model (rebuilt through the LightningModule
-of its ``model.kind``) and the tokenizer, found by the fingerprint the checkpoint recorded among the
-places training could have put it (``tokenizer.path``, the autoencoder export's record, the prepared
-cache under ``data.cache_dir``); only if none matches is the data prepared again as training did
-(a no-op when the cache is complete). Generation is ``sampling.generate``; text is decoded
-incrementally so a single prompt can be streamed as it is produced.
+Used by `calm sample`, the Python API and `calm compare`. Generation is `sampling.generate` on token
+ids; text is decoded incrementally so a single prompt can be streamed as it is produced.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import torch
 
-from calm_lightning.errors import CalmError
 from calm_lightning.sampling.generate import GenerationConfig, generate
 
 TextCallback = Callable[[int, str], None]
-
-
-@dataclass
-class LoadedModel:
-    """A checkpoint ready to generate: the model (eval mode, on ``device``) and its tokenizer."""
-
-    model: torch.nn.Module
-    tokenizer: Any  # tokenizers.Tokenizer
-    eos_id: int
-    kind: str  # calm | ar
-    checkpoint: Path
-    step: int
-    chunk_size: int  # K (1 for the baseline)
-    device: torch.device
-    budget: dict = field(default_factory=dict)  # callbacks.budget.budget_status of the checkpoint
 
 
 @dataclass
@@ -49,139 +26,36 @@ class SampleResult:
     stats: list[dict] = field(default_factory=list)  # per-step sampler statistics (CALM, T < 1)
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise CalmError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CalmError("device cuda requested but no CUDA GPU is available")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise CalmError("device mps requested but MPS is not available")
-    return dev
-
-
-def _tokenizer_candidates(exp) -> list[Path]:
-    """Where training may have put the tokenizer, most specific first."""
-    out = []
-    if exp.tokenizer.path:
-        out.append(Path(exp.tokenizer.path).expanduser())
-    if exp.model.kind == "calm":
-        try:  # the export's record of its tokenizer (not its weights: no checksum needed for a path)
-            meta = json.loads(Path(exp.model.autoencoder_path).expanduser().with_suffix(".json").read_text())
-            out.append(Path(meta["tokenizer_path"]).expanduser())
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-    cache = Path(exp.data.cache_dir).expanduser()
-    out += sorted(cache.glob("*/tok-*/tokenizer.json"))
-    return out
-
-
-def find_tokenizer(exp, fingerprint: str, chunk_size: int) -> Path:
-    """The tokenizer.json whose sha256 is ``fingerprint``; prepares the data only as a last resort."""
-    from calm_lightning.data.tokenizer import tokenizer_fingerprint
-
-    if fingerprint:
-        for path in _tokenizer_candidates(exp):
-            if path.is_file() and tokenizer_fingerprint(path) == fingerprint:
-                return path
-    from calm_lightning.train import build_datamodule
-
-    try:
-        dm = build_datamodule(exp, chunk_size)
-    except CalmError as e:
-        raise CalmError(
-            f"the run's tokenizer ({fingerprint[:12] or 'unrecorded'}) is not in {exp.data.cache_dir} and "
-            f"preparing the run's data failed: {e}"
-        ) from None
-    if fingerprint and dm.tokenizer_fingerprint != fingerprint:
-        raise CalmError(
-            f"the run's tokenizer ({fingerprint[:12]}) is not in {exp.data.cache_dir} and the run's data now "
-            f"gives tokenizer {dm.tokenizer_fingerprint[:12]}"
-        )
-    return dm.tokenizer_path
-
-
-def embedded_tokenizer(blob: dict, fingerprint: str):
-    """The tokenizer stored in a checkpoint's DataModule state, if its sha256 is ``fingerprint``."""
-    import hashlib
-
-    from tokenizers import Tokenizer
-
-    state = blob.get("TokenChunkDataModule") or {}
-    text = state.get("tokenizer_json")
-    if not text or (fingerprint and hashlib.sha256(text.encode("utf-8")).hexdigest() != fingerprint):
-        return None
-    return Tokenizer.from_str(text)
-
-
-def load_for_sampling(checkpoint: str | Path, device: str = "auto") -> LoadedModel:
-    """Load a CALM or baseline checkpoint (a .ckpt or a run directory) and its tokenizer."""
-    from calm_lightning.data.tokenizer import load_tokenizer, special_ids
-    from calm_lightning.evaluate import MODULES, load_checkpoint, resolve_checkpoint
-    from calm_lightning.lit.common import experiment_from_dict
-
-    ckpt = resolve_checkpoint(checkpoint)
-    blob = load_checkpoint(ckpt)  # CRC-checked and memory-mapped once: config, tokenizer, step, budget
-    hparams = blob["hyper_parameters"]
-    if "config" not in hparams:
-        raise CalmError(f"{ckpt}: checkpoint has no stored config; was it written by calm-lightning?")
-    exp = experiment_from_dict(hparams["config"])
-    kind = exp.model.kind
-    if kind == "autoencoder":
-        raise CalmError(
-            f"{ckpt} is an autoencoder checkpoint; `calm sample` needs a calm or ar (baseline) checkpoint"
-        )
-    dev = resolve_device(device)
-    K = (
-        hparams.get("autoencoder_config", {}).get("chunk_size", exp.model.autoencoder.chunk_size)
-        if kind == "calm"
-        else 1
-    )
-    fingerprint = hparams.get("tokenizer_fingerprint", "")
-    tokenizer = embedded_tokenizer(blob, fingerprint)
-    if tokenizer is None:  # checkpoints written before tokenizers were embedded
-        tokenizer = load_tokenizer(find_tokenizer(exp, fingerprint, max(K, 1)))
-    module = MODULES[kind].load_from_checkpoint(ckpt, map_location="cpu")
-    model = module.model.to(dev).eval()
-    from calm_lightning.callbacks.budget import GUARD_STATE_KEY, budget_status
-
-    step = int(blob.get("global_step", 0))
-    budget = budget_status(step, exp.trainer.max_steps, blob.get("callbacks", {}).get(GUARD_STATE_KEY))
-    return LoadedModel(model, tokenizer, special_ids(tokenizer).eos, kind, ckpt, step, K, dev, budget)
-
-
 class IncrementalDecoder:
-    """Token ids in, new text out: decodes the whole sequence and returns what was not yet returned.
+    """Token ids in, new text out, in O(new tokens) per call (`tokenizers.decoders.DecodeStream`).
 
-    Byte-level BPE can split a character across tokens; text ending in an incomplete character
-    (U+FFFD) is held back until the character completes, so the printed stream never shows a
-    replacement character that later turns into something else.
+    Byte-level BPE can split a character across tokens: the stream holds such bytes back until the
+    character completes, so the printed text never shows a replacement character that later turns
+    into something else. Special tokens are skipped, as ``Tokenizer.decode`` does by default.
     """
 
     def __init__(self, tokenizer) -> None:
+        from tokenizers.decoders import DecodeStream
+
         self.tokenizer = tokenizer
+        self.stream = DecodeStream(skip_special_tokens=True)
         self.ids: list[int] = []
-        self.emitted = ""
+        self.emitted: list[str] = []
 
     def push(self, ids: list[int]) -> str:
         self.ids.extend(ids)
-        return self._delta(self.tokenizer.decode(self.ids).rstrip("\ufffd"))
+        text = "".join(p for p in (self.stream.step(self.tokenizer, i) for i in ids) if p)
+        self.emitted.append(text)
+        return text
 
     def flush(self) -> str:
-        return self._delta(self.tokenizer.decode(self.ids))
-
-    def _delta(self, text: str) -> str:
-        if not text.startswith(self.emitted):  # decoding rewrote earlier text: emit nothing more
-            return ""
-        delta, self.emitted = text[len(self.emitted) :], text
-        return delta
+        """What the stream still holds back at the end (e.g. an incomplete character), decoded once."""
+        full, done = self.tokenizer.decode(self.ids), "".join(self.emitted)
+        return full[len(done):] if full.startswith(done) else ""
 
 
-def sample(
-    loaded: LoadedModel,
+def sample_text(
+    loaded,
     prompts: list[str],
     cfg: GenerationConfig,
     *,
