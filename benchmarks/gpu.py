@@ -148,7 +148,7 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     vocab = 512 if args.tiny else LLAMA3_VOCAB
     peak = matmul_peak(device, 256 if args.tiny else 8192, 10)
-    vendor_peak = peak_flops_of(name) if device.type == "cuda" else 0.0
+    vendor_peak = peak_flops_of(device, torch.bfloat16) if device.type == "cuda" else 0.0
     print(
         f"{name}: bf16 matmul {peak['tflops_best']:.0f} TFLOP/s best, {peak['tflops_median']:.0f} median; "
         f"vendor peak {vendor_peak / 1e12:.0f}",

@@ -28,7 +28,7 @@ from calm_lightning.models.calm import CALM
 from calm_lightning.models.config import AutoencoderConfig, BackboneConfig, HeadConfig
 from calm_lightning.models.heads import build_head
 from calm_lightning.models.token_lm import TokenLM
-from calm_lightning.utils.hardware import peak_flops_of, resolve_peak_flops
+from calm_lightning.utils.hardware import compute_dtype, peak_flops_of, resolve_peak_flops
 
 V, K, LATENT, D = 50, 4, 8, 128
 T = 128  # tokens per sequence: L = 32 chunks
@@ -175,14 +175,30 @@ def test_model_flops_dispatch_and_context():
 
 
 # ------------------------------------------------------------------------------------------ MFU
-def test_known_gpu_peaks():
-    assert peak_flops_of("NVIDIA H100 80GB HBM3") == 989e12
-    assert peak_flops_of("NVIDIA H100 PCIe") == 756e12
-    assert peak_flops_of("NVIDIA H200") == 989e12
-    assert peak_flops_of("NVIDIA A100-SXM4-80GB") == 312e12
-    assert peak_flops_of("NVIDIA GeForce RTX 3060") == 0.0
+@pytest.mark.parametrize(
+    "name, dtype, peak",
+    [
+        ("NVIDIA H100 80GB HBM3", torch.bfloat16, 989.4e12),  # Lightning's table
+        ("NVIDIA A100-SXM4-80GB", torch.bfloat16, 312e12),
+        ("NVIDIA A100-SXM4-80GB", torch.float32, 19.5e12),  # fp32 runs get the fp32 peak, not bf16's
+        ("NVIDIA H200", torch.bfloat16, 989e12),  # not parsed by Lightning: the dense correction
+        ("NVIDIA H200 NVL", torch.bfloat16, 835e12),
+        ("NVIDIA Imaginary 9000", torch.bfloat16, 0.0),  # unknown: no MFU rather than a guess
+    ],
+)
+def test_gpu_peaks_come_from_lightning_with_dense_corrections(monkeypatch, name, dtype, peak):
+    import lightning.fabric.accelerators.cuda as lcuda
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(lcuda, "_is_ampere_or_later", lambda device=None: False)  # no TF32 on this fake GPU
+    assert peak_flops_of(torch.device("cuda", 0), dtype) == pytest.approx(peak)
+
+
+def test_peak_flops_resolution():
     assert resolve_peak_flops(5e12, torch.device("cpu")) == 5e12
     assert resolve_peak_flops(0.0, torch.device("cpu")) == 0.0  # no MFU on CPU
+    assert compute_dtype("bf16-mixed") is torch.bfloat16 and compute_dtype("32-true") is torch.float32
+    assert compute_dtype("16-mixed") is torch.float16
 
 
 class RecordingModule:

@@ -2,7 +2,13 @@
 training FLOPs per token (``calm_lightning.flops``), ``train/flops_per_s`` and ``train/mfu``.
 
 MFU (model FLOPs utilisation, PaLM appendix B) = achieved model FLOP/s / (peak FLOP/s x devices), with
-model FLOPs = 3 x forward, attention included, activation recomputation not counted.
+model FLOPs = 3 x forward, attention included, activation recomputation not counted. The peak is
+Lightning's `get_available_flops` for the run's precision (`utils.hardware.resolve_peak_flops`).
+
+Why not Lightning's `ThroughputMonitor`: it calls `torch.cuda.synchronize()` after every training
+batch (stalling the GPU's queue on every step, where this callback only reads the clock), names its
+metrics `train|device/items_per_sec` where the kit's curves, `calm compare` and the README use
+`train/tokens_per_s`, and keeps no run totals, which the run summary reports.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ class TokensPerSecond(L.Callback):
     flops_per_token: training FLOPs per token of the model (``flops.training_flops_per_token``); 0 = do
         not log ``train/flops_per_s`` and ``train/mfu``.
     peak_flops: peak FLOP/s of one device (``trainer.peak_flops``); 0 = look the GPU up at fit start
-        (``utils.hardware.KNOWN_PEAK_FLOPS``); no ``train/mfu`` on CPU or an unknown GPU.
+        in the trainer's precision (``utils.hardware.resolve_peak_flops``); no ``train/mfu`` on CPU or an
+        unknown GPU.
     """
 
     def __init__(self, window: int = 10, flops_per_token: float = 0.0, peak_flops: float = 0.0):
@@ -36,7 +43,8 @@ class TokensPerSecond(L.Callback):
         self.total_train_time = 0.0
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        self.peak_flops = resolve_peak_flops(self.configured_peak_flops, pl_module.device)
+        precision = str(getattr(trainer, "precision", "32-true"))
+        self.peak_flops = resolve_peak_flops(self.configured_peak_flops, pl_module.device, precision)
         self._world_size = trainer.world_size
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:

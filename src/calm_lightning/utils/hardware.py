@@ -35,28 +35,48 @@ def resolve_precision(precision: str, accelerator: str = "auto") -> str:
     return "bf16-mixed" if cpu_has_fast_bf16() else "32-true"
 
 
-# Dense bf16 tensor-core peak FLOP/s of known GPUs (vendor datasheets, without 2:4 sparsity), matched
-# as substrings of ``torch.cuda.get_device_name()`` in this order (the first match wins).
-KNOWN_PEAK_FLOPS: tuple[tuple[str, float], ...] = (
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),  # SXM ("NVIDIA H100 80GB HBM3")
-    ("H200", 989e12),  # also GH200
-    ("A100", 312e12),  # SXM and PCIe
+# Lightning's `get_available_flops` knows the peaks of most GPUs per dtype; these correct it where it
+# is wrong for dense training. Lightning 2.6 does not parse the name "NVIDIA H200" (the H200 we were
+# lent: it returns None) and lists the H200 SXM/NVL bf16/fp16 peaks with 2:4 sparsity (2.0e15, 1.7e15),
+# twice the dense datasheet figures. Substrings of `torch.cuda.get_device_name()`, first match wins.
+DENSE_PEAK_CORRECTIONS: tuple[tuple[str, dict[torch.dtype, float]], ...] = (
+    ("H200 NVL", {torch.bfloat16: 835e12, torch.float16: 835e12}),
+    ("H200", {torch.bfloat16: 989e12, torch.float16: 989e12}),
 )
 
 
-def peak_flops_of(device_name: str) -> float:
-    """Peak bf16 FLOP/s of a GPU named like ``torch.cuda.get_device_name()``; 0.0 if unknown."""
-    for key, flops in KNOWN_PEAK_FLOPS:
-        if key.lower() in device_name.lower():
-            return flops
-    return 0.0
+def compute_dtype(precision: str) -> torch.dtype:
+    """The matmul dtype of a Lightning precision string (``bf16-mixed`` -> bfloat16, ...)."""
+    if precision.startswith("bf16"):
+        return torch.bfloat16
+    if precision.startswith("16"):
+        return torch.float16
+    if precision.startswith("64"):
+        return torch.float64
+    return torch.float32
 
 
-def resolve_peak_flops(configured: float, device: torch.device) -> float:
-    """``trainer.peak_flops`` if set (> 0), else the known GPU's peak; 0.0 (no MFU) on CPU or unknown GPUs."""
+def peak_flops_of(device: torch.device, dtype: torch.dtype) -> float:
+    """Dense peak FLOP/s of a CUDA device for ``dtype`` (`get_available_flops` + corrections); 0.0 if unknown."""
+    from lightning.fabric.utilities.throughput import get_available_flops
+
+    name = torch.cuda.get_device_name(device)
+    for key, table in DENSE_PEAK_CORRECTIONS:
+        if key.lower() in name.lower() and dtype in table:
+            return table[dtype]
+    import warnings
+
+    with warnings.catch_warnings():  # "FLOPs not found for ...": we report "no MFU" instead
+        warnings.simplefilter("ignore")
+        flops = get_available_flops(device, dtype)
+    return float(flops or 0.0)
+
+
+def resolve_peak_flops(configured: float, device: torch.device, precision: str = "bf16-mixed") -> float:
+    """``trainer.peak_flops`` if set (> 0), else the GPU's dense peak in the precision's matmul dtype;
+    0.0 (no MFU) on CPU or unknown GPUs."""
     if configured > 0:
         return configured
     if device.type == "cuda" and torch.cuda.is_available():
-        return peak_flops_of(torch.cuda.get_device_name(device))
+        return peak_flops_of(device, compute_dtype(precision))
     return 0.0
