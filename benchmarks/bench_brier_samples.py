@@ -31,7 +31,7 @@ from records import append_record, record_header
 from shared import backbone_config
 
 from calm_lightning.metrics.estimators import calm_chunk_estimate
-from calm_lightning.metrics.functional import sample_brier_terms
+from calm_lightning.metrics.functional import sample_accuracy, sample_collision
 from calm_lightning.models.autoencoder import ChunkAutoencoder
 from calm_lightning.models.calm import CALM
 from calm_lightning.models.config import AutoencoderConfig, HeadConfig
@@ -80,7 +80,7 @@ def per_position_scores(model: CALM, tokens: torch.Tensor, S: int, seeds: int) -
     out = []
     for seed in range(seeds):
         samples = model.sample_chunks(hidden, S, generator=torch.Generator().manual_seed(100 + seed)).long()
-        accuracy, collision = sample_brier_terms(samples, targets, MAX_N)
+        accuracy, collision = sample_accuracy(samples, targets, MAX_N), sample_collision(samples, MAX_N)
         out.append(accuracy - collision)
     return torch.stack(out)
 

@@ -21,11 +21,10 @@ from pathlib import Path
 import torch
 from records import append_record, record_header
 
+from calm_lightning.sampling.exact import exact_temperature_sample, expected_exact_draws
 from calm_lightning.sampling.temperature import (
     batch_temperature_probs,
     batch_temperature_sample,
-    exact_temperature_sample,
-    expected_exact_draws,
     inverse_temperature,
 )
 

@@ -8,11 +8,10 @@ import pytest
 import torch
 
 from calm_lightning.errors import CalmError
+from calm_lightning.sampling.exact import exact_temperature_sample, expected_exact_draws
 from calm_lightning.sampling.temperature import (
     batch_temperature_probs,
     batch_temperature_sample,
-    exact_temperature_sample,
-    expected_exact_draws,
     inverse_temperature,
     temperature_sample,
     unique_counts,

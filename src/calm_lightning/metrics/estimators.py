@@ -31,10 +31,7 @@ n-gram. Three quantities are needed per start:
   2 prod_k P(y_k | true prefix); collision 1{agreed on the first n-1 tokens} * sum_x q_n(x)^2, the
   exact sum of squares of the n-th token's distribution along the branch. Still unbiased.
 
-Batched rollouts: after one forward over the true sequence with a KV cache, rollout step r feeds
-one unit for every start at once. Start j's branch sits at position j + r and may attend only the
-cached true keys <= j and the keys its own branch wrote at earlier steps (a boolean branch mask over
-the cache), so all starts advance with one backbone call per step instead of a loop over positions.
+The batched branch rollout every estimator shares is in `metrics/rollout.py`.
 
 Random draws are injectable so that the batched rollouts can be checked exactly against a plain
 per-position loop: ``uniforms`` (token models, inverse-CDF sampling) and ``draw`` (CALM).
@@ -43,7 +40,7 @@ per-position loop: ``uniforms`` (token models, inverse-CDF sampling) and ``draw`
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -55,149 +52,18 @@ from calm_lightning.metrics.functional import (
     ngram_valid_mask,
     ngram_windows,
     reduce_brier_blocks,
-    sample_accuracy,
-    sample_collision,
+)
+from calm_lightning.metrics.rollout import (
+    DrawFn,
+    branch_rollout,
+    check_max_n,
+    check_num_samples,
+    empty_sums,
+    new_cache,
+    sample_sums,
 )
 
 ESTIMATORS = ("auto", "two_sample", "low_variance")
-
-# draw(states[B, N, ...], step r) -> units [B, N, S, U]: S independent samples of the next unit for
-# the N first start positions (row n = start n) at rollout step r (r = 0: teacher-forced positions);
-# S = 2 unless an estimator is asked for more (num_samples).
-DrawFn = Callable[[Tensor, int], Tensor]
-# forward(units[B, N, U], positions[N], kv_cache, attn_mask[N, S + N]) -> states[B, N, ...]
-StepFn = Callable[[Tensor, Tensor, object, Tensor], Tensor]
-
-
-# --------------------------------------------------------------------------------------------------
-# The batched branch rollout shared by every estimator
-# --------------------------------------------------------------------------------------------------
-
-
-def branch_attention_mask(
-    key_owner: Tensor, key_pos: Tensor, starts: Tensor, owners: Tensor | None = None
-) -> Tensor:
-    """Which cached keys each branch may attend to.
-
-    key_owner: [S] id of the branch that wrote each key, -1 for keys of the true sequence; key_pos:
-    [S] position of each true key; starts: [N] start position of each querying branch; owners: [N]
-    their branch ids (default: the start, one branch per start). Returns [N, S] bool: true keys at
-    positions <= start, plus the branch's own keys.
-    """
-    owners = starts if owners is None else owners
-    shared = (key_owner[None, :] < 0) & (key_pos[None, :] <= starts[:, None])
-    own = key_owner[None, :] == owners[:, None]
-    return shared | own
-
-
-def branch_rollout(
-    prefix_states: Tensor,
-    kv_cache,
-    forward: StepFn,
-    draw: DrawFn,
-    num_steps: int,
-    branches: int = 1,
-    draw_one: DrawFn | None = None,
-) -> Iterator[tuple[int, Tensor, Tensor]]:
-    """Roll out ``branches`` branches per start position, all starts in one backbone call per step.
-
-    prefix_states: [B, L, ...] teacher-forced states of the true sequence (already in ``kv_cache``);
-    start j = 0..L-2 begins from prefix_states[:, j]. At step r only starts j <= L-2-r are kept (the
-    others' n-grams have run past the end), so step r has N_r = L-1-r starts.
-
-    branches = 1: start j's branch sits at position j + r, fed the first sample it drew at step r-1,
-    and ``draw`` gives the S samples of every step. branches = S > 1: start j has S branches (rows
-    j*S + s), branch s fed its own sample s of step r-1, and from step 1 on each branch draws one
-    sample with ``draw_one`` (-> [B, N_r*S, 1, U]), so that sample s of step r continues branch s.
-
-    Yields (r, states[B, N_r * branches, ...], samples[B, N_r, S, U]) for r = 0..num_steps-1 (fewer
-    if the sequence is too short). Step 0's samples are drawn at the true positions, so they double
-    as the teacher-forced samples of every position.
-    """
-    L = prefix_states.shape[1]
-    device = prefix_states.device
-    key_owner = torch.full((L,), -1, dtype=torch.long, device=device)  # [S] -1: true-sequence key
-    key_pos = torch.arange(L, device=device)  # [S]
-    states = prefix_states[:, : L - 1]
-    samples = None
-    for r in range(num_steps):
-        n_r = L - 1 - r
-        if n_r <= 0:
-            return
-        if r > 0:
-            owners = torch.arange(n_r * branches, device=device)  # [N_r * branches] branch ids
-            starts = owners // branches  # start-major, branch-minor rows
-            key_owner = torch.cat([key_owner, owners])  # this step's keys join the cache
-            key_pos = torch.cat([key_pos, starts + r])
-            mask = branch_attention_mask(key_owner, key_pos, starts, owners)  # [N_r*br, S + N_r*br]
-            units = samples[:, :n_r, :branches].flatten(1, 2)  # [B, N_r * branches, U]
-            states = forward(units, starts + r, kv_cache, mask)  # [B, N_r * branches, ...]
-        if r == 0 or branches == 1:
-            samples = draw(states, r)  # [B, N_r, S, U]
-        else:
-            one = draw_one(states, r)  # [B, N_r * S, 1, U]
-            samples = one.reshape(one.shape[0], n_r, branches, one.shape[-1])  # [B, N_r, S, U]
-        yield r, states, samples
-
-
-def _new_cache(model):
-    """A fresh KV cache for ``model`` (None for toy models without a backbone)."""
-    if hasattr(model, "new_cache"):
-        return model.new_cache()
-    backbone = getattr(model, "backbone", None)
-    return backbone.new_cache() if hasattr(backbone, "new_cache") else None
-
-
-def _sample_sums(
-    tokens: Tensor, unit: int, max_n: int, rollout: Iterator, num_samples: int = 2
-) -> tuple[Tensor, Tensor]:
-    """Per-block sums of the S-sample U-statistic over starts, from a `branch_rollout` stream:
-
-        2/S sum_s 1{x_s = y}  -  2/(S(S-1)) sum_{s<t} 1{x_s = x_t}     (S = 2: x1, x2 as in CALM.md)
-
-    Accuracy compares the S teacher-forced samples of units j+1, j+2, ... with the truth; collisions
-    compare the S continuations of start j's rollout, token by token.
-    """
-    B, T = tokens.shape
-    U, S = unit, num_samples
-    num_starts = T // U - 1
-    num_steps = math.ceil(max_n / U)
-    paths = torch.zeros(B, num_starts, S, num_steps * U, dtype=torch.long, device=tokens.device)
-    teacher = None
-    for r, _, samples in rollout:
-        if samples.shape[2] != S:
-            raise ValueError(f"draw returned {samples.shape[2]} samples per position, expected {S}")
-        if r == 0:
-            teacher = samples  # [B, L-1, S, U] samples at every true position
-        n_r = samples.shape[1]
-        paths[:, :n_r, :, r * U : (r + 1) * U] = samples  # rows past n_r stay 0: their n-grams are invalid
-    # teacher-forced samples along the truth: window j holds samples of units j+1, j+2, ... -> [B, L-1, S, max_n]
-    along_truth = ngram_windows(teacher.transpose(1, 2).reshape(B * S, num_starts * U), max_n, U, fill=-1)
-    along_truth = along_truth.view(B, S, num_starts, max_n).transpose(1, 2)
-    targets = ngram_windows(tokens[:, U:], max_n, U, fill=-2)  # [B, L-1, max_n] (pads never match)
-    accuracy = sample_accuracy(along_truth, targets, max_n)  # [B, L-1, max_n]
-    collision = sample_collision(paths, max_n)  # [B, L-1, max_n]
-    first_target = (torch.arange(num_starts, device=tokens.device) + 1) * U  # [L-1]
-    valid = ngram_valid_mask(first_target, T, max_n).expand(B, -1, -1)  # [B, L-1, max_n]
-    return reduce_brier_blocks(accuracy, collision, valid)
-
-
-def _empty(batch: int, max_n: int, device) -> tuple[Tensor, Tensor]:
-    return (
-        torch.zeros(batch, max_n, dtype=accum_dtype(device), device=device),
-        torch.zeros(batch, max_n, dtype=torch.int64, device=device),
-    )
-
-
-def _check_num_samples(num_samples: int) -> None:
-    if num_samples < 2:
-        raise CalmError(f"num_samples must be >= 2 (the collision term needs pairs), got {num_samples}")
-
-
-def _check_max_n(max_n: int) -> None:
-    if max_n < 1:
-        raise CalmError(f"max_n must be >= 1, got {max_n}")
-
 
 # --------------------------------------------------------------------------------------------------
 # Token-level models (TokenLM: forward(tokens, positions, kv_cache, attn_mask) -> logits)
@@ -233,7 +99,7 @@ def _token_rollout(
     model, tokens: Tensor, max_n: int, uniforms: Tensor
 ) -> Iterator[tuple[int, Tensor, Tensor]]:
     """`branch_rollout` for a token LM; states are logits [B, N, V], units single tokens."""
-    cache = _new_cache(model) if max_n > 1 else None
+    cache = new_cache(model) if max_n > 1 else None
     logits = model(tokens, kv_cache=cache)  # [B, T, V]
 
     def forward(units, positions, kv_cache, mask):
@@ -261,11 +127,11 @@ def token_two_sample_estimate(
     (start, step, sample) (drawn from ``generator`` when None). Returns (sums[B, max_n],
     counts[B, max_n]), one row per sequence (evaluation block).
     """
-    _check_max_n(max_n)
+    check_max_n(max_n)
     if tokens.shape[1] < 2:
-        return _empty(tokens.shape[0], max_n, tokens.device)
+        return empty_sums(tokens.shape[0], max_n, tokens.device)
     u = _token_uniforms(tokens, max_n, generator, uniforms)
-    return _sample_sums(tokens, 1, max_n, _token_rollout(model, tokens, max_n, u))
+    return sample_sums(tokens, 1, max_n, _token_rollout(model, tokens, max_n, u))
 
 
 @torch.no_grad()
@@ -283,10 +149,10 @@ def token_low_variance_estimate(
     with (a_k, b_k) the sample pair drawn at rollout step k of the branch (continued along a) and
     q_k its predictive distribution there. Same arguments and return as `token_two_sample_estimate`.
     """
-    _check_max_n(max_n)
+    check_max_n(max_n)
     B, T = tokens.shape
     if T < 2:
-        return _empty(B, max_n, tokens.device)
+        return empty_sums(B, max_n, tokens.device)
     u = _token_uniforms(tokens, max_n, generator, uniforms)
     num_starts = T - 1
     agree = torch.zeros(B, num_starts, max_n, dtype=torch.bool, device=tokens.device)
@@ -352,15 +218,15 @@ def calm_rollout_estimate(
     Returns (sums[B, max_n], counts[B, max_n]), one row per sequence; start j's n-gram is
     tokens[(j+1)K : (j+1)K + n].
     """
-    _check_max_n(max_n)
-    _check_num_samples(num_samples)
+    check_max_n(max_n)
+    check_num_samples(num_samples)
     K = _check_calm_tokens(model, tokens)
     B, T = tokens.shape
     if T < 2 * K:
-        return _empty(B, max_n, tokens.device)
+        return empty_sums(B, max_n, tokens.device)
     num_steps = math.ceil(max_n / K)
     branches = num_samples if num_samples > 2 and num_steps > 1 else 1
-    cache = _new_cache(model) if num_steps > 1 else None
+    cache = new_cache(model) if num_steps > 1 else None
     hidden = model.hidden_states(tokens, kv_cache=cache)  # [B, L, D]
 
     def forward(units, positions, kv_cache, mask):
@@ -375,7 +241,7 @@ def calm_rollout_estimate(
         given = draw
         draw_one = lambda h, r: given(h, r)[:, :, :1]  # noqa: E731
     rollout = branch_rollout(hidden, cache, forward, draw, num_steps, branches=branches, draw_one=draw_one)
-    return _sample_sums(tokens, K, max_n, rollout, num_samples)
+    return sample_sums(tokens, K, max_n, rollout, num_samples)
 
 
 @torch.no_grad()

@@ -36,10 +36,10 @@ import torch.nn.functional as F
 from calm_lightning.errors import CalmError
 from calm_lightning.models.calm import CALM
 from calm_lightning.models.token_lm import TokenLM
+from calm_lightning.sampling.exact import ExactSampleStats
 from calm_lightning.sampling.temperature import (
     SAMPLERS,
     BatchSampleInfo,
-    ExactSampleStats,
     inverse_temperature,
     temperature_sample,
 )
