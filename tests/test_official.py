@@ -352,6 +352,7 @@ def test_tokenizer_keeps_its_ids_and_takes_the_kit_names(folders):
     text = "Hello, world! ünï"
     assert tok.encode(text, add_special_tokens=False).ids == original.encode(text, add_special_tokens=False).ids
     assert tok.encode(text).ids == original.encode(text).ids  # the template still prepends id 256
+    assert tok.encode(text).tokens[0] == "<|bos|>"  # ... under its new name
     assert tok.id_to_token(EOS_ID) == "<|end_of_text|>" and tok.id_to_token(262) == "<|start_header_id|>"
     assert tok.decode(tok.encode(text).ids) == text
 
@@ -365,3 +366,18 @@ def test_tokenizer_that_does_not_fit_is_refused(folders, tmp_path):
         convert_official(ae_dir, tokenizer=tmp_path / "t.json")
     (ae_dir / "config.json").write_text(json.dumps({**AE_RC, "pad_token_id": 5}))
     _one_line_error(r"pad token \(id 5", ae_dir)
+
+
+def test_sharded_checkpoint_with_an_index(folders):
+    ae_dir, calm_dir, _ = folders
+    sd = torch.load(calm_dir / "pytorch_model.bin", weights_only=True)
+    (calm_dir / "pytorch_model.bin").unlink()
+    keys = sorted(sd)
+    shards = {"pytorch_model-00001-of-00002.bin": keys[::2], "pytorch_model-00002-of-00002.bin": keys[1::2]}
+    for name, part in shards.items():
+        torch.save({k: sd[k] for k in part}, calm_dir / name)
+    index = {"metadata": {}, "weight_map": {k: name for name, part in shards.items() for k in part}}
+    (calm_dir / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    out = convert_official(ae_dir, calm_dir)
+    assert out.files[1:] == [f"calm/{name}" for name in shards]
+    assert torch.equal(out.calm.embed.weight, sd["transformer.embed_tokens.weight"])

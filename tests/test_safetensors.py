@@ -67,8 +67,10 @@ def test_header_padded_to_eight_and_data_tiles_the_buffer(tmp_path):
         assert v["data_offsets"][0] % size == 0
 
 
-def _handmade() -> bytes:
-    header = b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"I8","shape":[],"data_offsets":[8,9]}}'
+HAND_HEADER = b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"I8","shape":[],"data_offsets":[8,9]}}'
+
+
+def _handmade(header: bytes = HAND_HEADER) -> bytes:
     header += b" " * (-len(header) % 8)
     return struct.pack("<Q", len(header)) + header + struct.pack("<2f", 1.5, -2.0) + bytes([7])
 
@@ -102,6 +104,10 @@ def test_corrupt_headers_are_refused(tmp_path):
         "bad_offsets": good.replace(b"[8,9]", b"[7,8]"),
         "trailing": good + b"\0",
         "huge_length": struct.pack("<Q", 2**40) + good[8:],
+        # c lies inside a: the spans still end at the data's length, but they overlap
+        "overlap": _handmade(HAND_HEADER[:-1] + b',"c":{"dtype":"I8","shape":[],"data_offsets":[4,5]}}'),
+        "not_an_object": _handmade(b"[1, 2]"),
+        "bad_metadata": _handmade(HAND_HEADER[:-1] + b',"__metadata__":{"k":1}}'),
     }
     for name, raw in cases.items():
         path = tmp_path / f"{name}.safetensors"
