@@ -43,7 +43,7 @@ class AutoencoderOutput:
         (nats/chunk; the information actually carried by z).
     kl_per_dim: [l] unclipped KL per latent dimension, averaged over the batch.
     active_dims: scalar, dimensions above the free-bits floor (``active_dims``, same reduction).
-    logits: [B, K, V]; mu, log_sigma: [B, l] (log_sigma clamped); z: [B, l] the posterior sample before
+    logits: [B, K, V]; mu, log_sigma: [B, l] (log_sigma clamped by default); z: [B, l] the posterior sample before
         latent dropout.
     """
 
@@ -153,7 +153,7 @@ class ChunkAutoencoder(nn.Module):
         """Posterior of each chunk, deterministic (no masking, no dropout, no sampling).
 
         tokens: [..., K] -> (mu [..., l], log_sigma [..., l]), log_sigma clamped to
-        [LOG_SIGMA_MIN, LOG_SIGMA_MAX].
+        [LOG_SIGMA_MIN, LOG_SIGMA_MAX] unless ``cfg.log_sigma_clamp`` is false (the reference code).
         """
         if tokens.shape[-1] != self.chunk_size:
             raise ValueError(f"expected chunks of {self.chunk_size} tokens, got shape {tuple(tokens.shape)}")
@@ -164,6 +164,8 @@ class ChunkAutoencoder(nn.Module):
         for block in self.enc_chunk_blocks:
             h = block(h)
         mu, log_sigma = self.to_posterior(self.enc_norm(h)).chunk(2, dim=-1)  # 2 x [..., l]
+        if not self.cfg.log_sigma_clamp:
+            return mu, log_sigma
         return mu, log_sigma.clamp(LOG_SIGMA_MIN, LOG_SIGMA_MAX)
 
     def decode_logits(self, z: torch.Tensor) -> torch.Tensor:

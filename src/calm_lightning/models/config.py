@@ -28,6 +28,7 @@ class AutoencoderConfig:
     mask_token_id: int | None = None  # id used for masked inputs; None = the tokenizer's <mask>
     norm_eps: float = 1e-6
     linear_bias: bool = False  # biases in enc_compress, dec_in, dec_expand (reference code: true)
+    log_sigma_clamp: bool = True  # clamp log sigma to [LOG_SIGMA_MIN, LOG_SIGMA_MAX] in encode (reference: false, unbounded)
 
 
 @dataclass

@@ -7,8 +7,9 @@ Layout of a file (all integers little-endian):
               data that follows starts at a multiple of 8 bytes
     [rest]    the tensors' raw little-endian bytes, C order; offsets are relative to the start of this
               buffer and the tensors tile it exactly (no gaps, no overlaps, nothing left over).
-The writer orders tensors by element size (largest first) then name, so each one starts aligned to its
-element size, as the reference implementation does.
+The writer orders tensors by dtype (``_WRITE_ORDER``: element size never grows along it) then name, so
+each one starts aligned to its element size; it is the reference implementation's order, so for the same
+tensors and metadata the file is byte-identical to the one the safetensors package writes.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ for _code, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"),
     if hasattr(torch, _attr):
         _DTYPES[_code] = getattr(torch, _attr)
 _CODES = {dtype: code for code, dtype in _DTYPES.items()}
+_WRITE_ORDER = ("U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16",
+                "F8_E4M3", "F8_E5M2", "I8", "U8", "BOOL")
 
 
 def _check_host() -> None:
@@ -76,7 +79,7 @@ def save_file(
             raise ValueError(f"{name}: not a tensor ({type(t).__name__})")
         if t.dtype not in _CODES:
             raise ValueError(f"{name}: dtype {t.dtype} has no safetensors code")
-    order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+    order = sorted(tensors, key=lambda n: (_WRITE_ORDER.index(_CODES[tensors[n].dtype]), n))
     header: dict[str, object] = {}
     if metadata:
         header[METADATA_KEY] = dict(metadata)
