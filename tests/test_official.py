@@ -381,3 +381,33 @@ def test_sharded_checkpoint_with_an_index(folders):
     out = convert_official(ae_dir, calm_dir)
     assert out.files[1:] == [f"calm/{name}" for name in shards]
     assert torch.equal(out.calm.embed.weight, sd["transformer.embed_tokens.weight"])
+
+
+# ------------------------------------------------------------------ calm import-official, end to end
+def test_import_official_exports_a_folder_that_loads_generates_and_fine_tunes(folders, tiny_corpus, tmp_path, capsys):
+    import calm_lightning
+    from calm_lightning.cli import main
+
+    ae_dir, calm_dir, _ = folders
+    out = tmp_path / "imported"
+    assert main(["import-official", str(ae_dir), "--calm", str(calm_dir), "--out", str(out)]) == 0
+    assert "<|begin_of_text|> -> <|bos|>" in capsys.readouterr().out
+    lm = calm_lightning.load(out, device="cpu")
+    reference = convert_official(ae_dir, calm_dir).calm
+    tokens = torch.randint(0, 256, (2, 4 * K), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(lm.model.hidden_states(tokens), reference.hidden_states(tokens), rtol=0, atol=0)
+    assert lm.model.embed.num_embeddings == V  # the vocabulary did not grow
+    assert isinstance(lm.generate("ab", max_new_tokens=8, temperature=0.5, num_candidates=8)[0], str)
+
+    # fine-tuning from the import: its experiment.yaml carries the model, the tokenizer and init_from
+    rc = main(["train", str(out / "experiment.yaml"), f"data.corpus={tiny_corpus}",
+               f"data.cache_dir={tmp_path / 'cache'}", "data.block_size=32", "data.batch_size=2",
+               "data.val_fraction=0.2", "data.prepare_workers=1", "trainer.accelerator=cpu",
+               "trainer.precision=32-true", "trainer.threads=1", "trainer.max_steps=1",
+               "trainer.val_check_interval=1", "trainer.limit_val_batches=1", "trainer.checkpoint_every_n_steps=1",
+               "eval.brier_max_n=2", "sampling.prompts=[]", "model.head.energy.num_target_samples=4",
+               "model.head.num_samples=2", f"logging.runs_dir={tmp_path / 'runs'}", "logging.name=ft"])
+    assert rc == 0
+    tuned = calm_lightning.load(tmp_path / "runs" / "ft", device="cpu").model
+    assert torch.equal(tuned.autoencoder.embedding.weight, reference.autoencoder.embedding.weight)  # frozen
+    assert not torch.equal(tuned.head.out_proj.weight, reference.head.out_proj.weight)  # one step moved it

@@ -99,8 +99,14 @@ def load_autoencoder(
     expect_latent_size: int | None = None,
     expect_tokenizer: str | None = None,
 ) -> tuple[ChunkAutoencoder, dict[str, Any]]:
-    """Load an export, refusing a K, l or tokenizer that disagrees with what the caller expects."""
-    meta = read_autoencoder_meta(path)
+    """Load an export, refusing a K, l or tokenizer that disagrees with what the caller expects. An
+    export folder (`export.py`: an autoencoder's, a CALM's or an imported official one) works too."""
+    from calm_lightning.export import is_export
+
+    if is_export(path):
+        meta = _folder_meta(path)
+    else:
+        meta = read_autoencoder_meta(path)
     if expect_chunk_size is not None and meta["chunk_size"] != expect_chunk_size:
         raise CalmError(
             f"{path}: autoencoder chunk size K={meta['chunk_size']} but the config has "
@@ -116,8 +122,31 @@ def load_autoencoder(
             f"{path}: autoencoder was trained with tokenizer {meta['tokenizer_fingerprint'][:12]} "
             f"but the data uses tokenizer {expect_tokenizer[:12]}; retrain it with `make train-ae`"
         )
+    if is_export(path):
+        from calm_lightning.export import load_autoencoder_folder
+
+        return load_autoencoder_folder(path)[0], meta
     blob = torch.load(path, map_location="cpu", weights_only=False)
     model = ChunkAutoencoder(AutoencoderConfig(**meta["config"]))
     model.load_state_dict(blob["state_dict"])
     model.eval()
     return model, meta
+
+
+def _folder_meta(path: str | Path) -> dict[str, Any]:
+    """The .pt export's metadata keys, read from an export folder's config.json (checksums verified)."""
+    from calm_lightning.export import read_export_meta
+
+    folder = Path(path)
+    meta = read_export_meta(folder)
+    if meta["kind"] == "calm":
+        top, meta = meta, read_export_meta(folder / "autoencoder")
+        fingerprint = top["hparams"].get("tokenizer_fingerprint", "")
+    else:
+        fingerprint = meta["hparams"].get("tokenizer_fingerprint", "")
+    if meta["kind"] != "autoencoder":
+        raise CalmError(f"{folder}: a {meta['kind']} export holds no autoencoder")
+    cfg = meta["hparams"]["autoencoder_config"]
+    return {"format": FORMAT, "config": cfg, "chunk_size": cfg["chunk_size"], "latent_size": cfg["latent_size"],
+            "vocab_size": cfg["vocab_size"], "tokenizer_fingerprint": fingerprint,
+            "tokenizer_path": str(folder / "tokenizer.json"), "metrics": {}}

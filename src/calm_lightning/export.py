@@ -64,6 +64,7 @@ def write_export_folder(
     step: int = 0,
     guard_state: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Write an export folder atomically. ``state``: the model's state dict (CALM: including its
     ``autoencoder.*`` weights, which go to the ``autoencoder/`` sub-export)."""
@@ -83,10 +84,13 @@ def write_export_folder(
         files = ["model.safetensors", "tokenizer.json"]
         if kind == "calm":
             ae_state = {k[len(AE_PREFIX):]: v for k, v in state.items() if k.startswith(AE_PREFIX)}
-            ae_hparams = {"autoencoder_config": hparams["autoencoder_config"]}
+            ae_hparams = {"autoencoder_config": hparams["autoencoder_config"],
+                          "tokenizer_fingerprint": hparams.get("tokenizer_fingerprint", "")}
             (tmp / "autoencoder").mkdir()
             _write_one(tmp / "autoencoder", "autoencoder", ae_hparams, ae_state, ids, step=0)
             files.append("autoencoder/config.json")
+        for name, text in (extra_files or {}).items():  # e.g. an experiment YAML to fine-tune from
+            (tmp / name).write_text(text, encoding="utf-8")
         _write_one(tmp, kind, hparams, None, ids, step=step, guard_state=guard_state, extra=extra,
                    files=files)
         if out.exists():
@@ -217,3 +221,57 @@ def load_autoencoder_folder(folder: str | Path):
 
         tokenizer = Tokenizer.from_file(str(tok_path))
     return model.eval(), tokenizer
+
+
+def import_official(ae_dir: str | Path, calm_dir: str | Path | None, out: str | Path,
+                    *, tokenizer: str | Path | None = None) -> Path:
+    """`calm import-official`: the reference implementation's released autoencoder (and CALM-energy)
+    folders -> an export folder (`official.convert_official` does the conversion; the configs it
+    returns set every reference-architecture switch, so the kit computes the reference's function)."""
+    import dataclasses
+    import hashlib
+
+    from omegaconf import OmegaConf
+
+    from calm_lightning.config.loader import load_config_from_dict
+    from calm_lightning.official import convert_official
+
+    models = convert_official(ae_dir, calm_dir, tokenizer=tokenizer)
+    text = models.tokenizer.to_str()
+    kind = models.model_config["kind"]
+    section = {k: v for k, v in models.model_config.items() if v is not None}
+    config = OmegaConf.to_container(load_config_from_dict({"model": section}), resolve=True)
+    ae_config = dataclasses.asdict(models.autoencoder_config)
+    hparams: dict[str, Any] = {
+        "config": config,
+        "autoencoder_config": ae_config,
+        "tokenizer_fingerprint": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+    }
+    if kind == "calm":
+        state = models.calm.state_dict()
+    else:
+        hparams.update(vocab_size=ae_config["vocab_size"], mask_token_id=ae_config["mask_token_id"])
+        state = models.autoencoder.state_dict()
+    extra = {"source": {"autoencoder": str(ae_dir), "calm": str(calm_dir) if calm_dir else None},
+             "official": {"reference_config": _plain(models.reference_config), "files": models.files,
+                          "tokenizer_renames": models.tokenizer_renames}}
+    out = Path(out)
+    recipe = _finetune_yaml(out, section, kind)
+    return write_export_folder(out, kind=kind, hparams=hparams, state=state, tokenizer_json=text, extra=extra,
+                               extra_files={"experiment.yaml": recipe})
+
+
+def _finetune_yaml(out: Path, model_section: dict, kind: str) -> str:
+    """experiment.yaml of an imported folder: its model (every reference switch), its tokenizer and,
+    for fine-tuning, ``model.init_from`` (and CALM's ``autoencoder_path``) pointing at the folder."""
+    import yaml
+
+    where = str(out.resolve())
+    model = {**model_section, "init_from": where}
+    if kind == "calm":
+        model["autoencoder_path"] = where
+    body = {"model": model, "tokenizer": {"path": str((out / "tokenizer.json").resolve())}}
+    head = ("# Imported from the reference implementation's released checkpoint (calm import-official).\n"
+            f"# Fine-tune: calm train {out / 'experiment.yaml'} data.corpus=... logging.name=...\n"
+            "# Base: the schema defaults; the model section reproduces the reference architecture.\n")
+    return head + yaml.safe_dump(body, sort_keys=False)

@@ -2,4 +2,4 @@
 runs (``run``) by calling the library (training, evaluation, checkpoints, comparison...), never
 another command. `cli.py` builds the parser from ``COMMANDS``, in this order."""
 
-COMMANDS = ("prepare", "train", "eval", "sample", "compare", "export", "encode", "decode")
+COMMANDS = ("prepare", "train", "eval", "sample", "compare", "export", "import_official", "encode", "decode")
