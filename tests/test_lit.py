@@ -256,3 +256,31 @@ def test_init_from_an_autoencoder_export(tiny_ae_run, capsys):
                        map_location="cpu", weights_only=False)["state_dict"]
     for k, v in export.items():
         torch.testing.assert_close(tuned[f"model.{k}"], v, atol=1e-6, rtol=0)
+
+
+def test_calm_validation_step_shares_one_backbone_pass_with_the_brier_estimate(tiny_calm_run):
+    """K >= max_n: the loss and the Brier estimate read the same hidden states (one backbone call per
+    batch, not two), and the Brier sums are exactly those of a separate estimate_brier call."""
+    from calm_lightning.checkpoints import read_checkpoint
+    from calm_lightning.metrics.estimators import estimate_brier
+
+    module = read_checkpoint(tiny_calm_run.checkpoint).build_module().eval()
+    calls = []
+    module.model.backbone.register_forward_hook(lambda *a: calls.append(1))
+    batch = torch.randint(0, 200, (2, 32), generator=torch.Generator().manual_seed(0))
+    module.log = lambda *a, **k: None  # outside a Trainer
+    with torch.no_grad():
+        module.validation_step(batch, 0)
+    assert len(calls) == 1
+    shared = module.brier.sums.clone() if hasattr(module.brier, "sums") else None
+    gen = torch.Generator().manual_seed(module.cfg.trainer.seed + 0)
+    sums, counts = estimate_brier(module.model, batch, max_n=module.cfg.eval.brier_max_n, generator=gen,
+                                  num_samples=module.cfg.eval.num_samples)
+    module.brier.reset()
+    module.brier.update(sums, counts)
+    separate = module.brier.compute()
+    module.brier.reset()
+    with torch.no_grad():
+        module.validation_step(batch, 0)
+    assert {k: float(v) for k, v in module.brier.compute().items()} == {k: float(v) for k, v in separate.items()}
+    assert shared is None or torch.equal(shared, module.brier.sums)

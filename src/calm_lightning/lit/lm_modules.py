@@ -57,13 +57,18 @@ class _LanguageModelLitModule(ShardedGradientClipping, L.LightningModule):
         self.log("loss", loss, prog_bar=True, logger=False)
         return loss
 
+    def validation_loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The validation loss and what the Brier estimate may reuse of its forward pass (None)."""
+        return self.compute_loss(batch), None
+
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        self.log(f"val/{self.loss_name}", self.compute_loss(batch), sync_dist=True)
+        loss, shared = self.validation_loss(batch)
+        self.log(f"val/{self.loss_name}", loss, sync_dist=True)
         # Seeded per batch so that validation is reproducible and comparable across steps.
         gen = torch.Generator(device=batch.device).manual_seed(self.cfg.trainer.seed + batch_idx)
         sums, counts = estimate_brier(self.model, batch, max_n=self.cfg.eval.brier_max_n,
                                       estimator=self.cfg.eval.estimator, generator=gen,
-                                      num_samples=self.cfg.eval.num_samples)
+                                      num_samples=self.cfg.eval.num_samples, hidden=shared)
         self.brier.update(sums, counts)  # [B, max_n] each: one block per validation sequence
         if self.block_records is not None:
             self.block_records.append((sums.detach().cpu(), counts.detach().cpu()))
@@ -92,6 +97,11 @@ class CALMLitModule(_LanguageModelLitModule):
 
     def compute_loss(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.loss(tokens).loss
+
+    def validation_loss(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # one backbone pass for both the loss and the Brier estimate (the reference shares it too)
+        hidden = self.model.hidden_states(tokens)  # [B, L, D]
+        return self.model.loss(tokens, hidden=hidden).loss, hidden
 
     @property
     def loss_name(self) -> str:

@@ -204,6 +204,7 @@ def calm_rollout_estimate(
     generator: torch.Generator | None = None,
     draw: DrawFn | None = None,
     num_samples: int = 2,
+    hidden: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """S-sample Brier-n estimate for CALM at chunk-aligned start positions, any K.
 
@@ -216,7 +217,9 @@ def calm_rollout_estimate(
     tokens: [B, T] with T = L*K. draw: optional replacement for ``model.sample_chunks``, see `DrawFn`
     (it must return S samples; with S > 2 branches, rollout steps keep its first sample per branch).
     Returns (sums[B, max_n], counts[B, max_n]), one row per sequence; start j's n-gram is
-    tokens[(j+1)K : (j+1)K + n].
+    tokens[(j+1)K : (j+1)K + n]. ``hidden``: ``model.hidden_states(tokens)`` [B, L, D] if the caller
+    has it (the validation step shares its loss pass); used when no rollout needs the KV cache
+    (K >= max_n), recomputed otherwise.
     """
     check_max_n(max_n)
     check_num_samples(num_samples)
@@ -227,7 +230,8 @@ def calm_rollout_estimate(
     num_steps = math.ceil(max_n / K)
     branches = num_samples if num_samples > 2 and num_steps > 1 else 1
     cache = new_cache(model) if num_steps > 1 else None
-    hidden = model.hidden_states(tokens, kv_cache=cache)  # [B, L, D]
+    if hidden is None or cache is not None:
+        hidden = model.hidden_states(tokens, kv_cache=cache)  # [B, L, D]
 
     def forward(units, positions, kv_cache, mask):
         n = units.shape[1]
@@ -252,6 +256,7 @@ def calm_chunk_estimate(
     generator: torch.Generator | None = None,
     draw: DrawFn | None = None,
     num_samples: int = 2,
+    hidden: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """CALM with K >= max_n: S = ``num_samples`` decoded head samples per chunk-aligned position
     cover the whole n-gram, so no rollout is needed. Hidden states h_0..h_{L-2} of one forward pass,
@@ -265,7 +270,7 @@ def calm_chunk_estimate(
     if model.chunk_size < max_n:
         raise CalmError(f"calm_chunk_estimate needs K >= max_n, got K={model.chunk_size}, max_n={max_n}")
     return calm_rollout_estimate(
-        model, tokens, max_n, generator=generator, draw=draw, num_samples=num_samples
+        model, tokens, max_n, generator=generator, draw=draw, num_samples=num_samples, hidden=hidden
     )
 
 
@@ -288,6 +293,7 @@ def estimate_brier(
     estimator: str = "auto",
     generator: torch.Generator | None = None,
     num_samples: int = 2,
+    hidden: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Brier-1..max_n sums and counts per sequence, (sums[B, max_n], counts[B, max_n]), for one batch
     of true sequences tokens[B, T].
@@ -295,7 +301,9 @@ def estimate_brier(
     CALM with K >= max_n -> `calm_chunk_estimate`; CALM with K < max_n -> `calm_rollout_estimate`,
     both with ``num_samples`` head samples per position; token LM -> `token_low_variance_estimate`
     for estimator "auto"/"low_variance", else `token_two_sample_estimate` (both draw two samples;
-    ``num_samples`` is for CALM only). Runs under no_grad in the model's current mode (set eval yourself).
+    ``num_samples`` is for CALM only). ``hidden``: CALM's ``hidden_states(tokens)`` when the caller
+    already computed them (same numbers, one backbone pass fewer). Runs under no_grad in the model's
+    current mode (set eval yourself).
     """
     if estimator not in ESTIMATORS:
         raise CalmError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
@@ -305,8 +313,10 @@ def estimate_brier(
                 "the low_variance estimator needs logits; CALM only has a sampler (use auto or two_sample)"
             )
         if model.chunk_size >= max_n:
-            return calm_chunk_estimate(model, tokens, max_n, generator=generator, num_samples=num_samples)
-        return calm_rollout_estimate(model, tokens, max_n, generator=generator, num_samples=num_samples)
+            return calm_chunk_estimate(model, tokens, max_n, generator=generator, num_samples=num_samples,
+                                       hidden=hidden)
+        return calm_rollout_estimate(model, tokens, max_n, generator=generator, num_samples=num_samples,
+                                     hidden=hidden)
     if estimator in ("auto", "low_variance"):
         return token_low_variance_estimate(model, tokens, max_n, generator=generator)
     return token_two_sample_estimate(model, tokens, max_n, generator=generator)

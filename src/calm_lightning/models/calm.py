@@ -104,14 +104,15 @@ class CALM(nn.Module):
         e = self.embed(tokens).view(B, T // K, -1)  # [B, T, D] -> [B, L, K*D]
         return self.backbone(self.compress(e), positions=positions, kv_cache=kv_cache, attn_mask=attn_mask)
 
-    def loss(self, tokens: torch.Tensor) -> CALMOutput:
+    def loss(self, tokens: torch.Tensor, hidden: torch.Tensor | None = None) -> CALMOutput:
         """Head loss of h_0..h_{L-2} against the AE posteriors of chunks 1..L-1.
 
-        tokens: [B, T] with T = L*K, L >= 2. Returns CALMOutput(loss scalar, per_position [B, L-1]).
+        tokens: [B, T] with T = L*K, L >= 2; hidden: ``hidden_states(tokens)`` [B, L, D] if already
+        computed. Returns CALMOutput(loss scalar, per_position [B, L-1]).
         """
         B, T = tokens.shape
         K = self.chunk_size
-        h = self.hidden_states(tokens)  # [B, L, D]
+        h = self.hidden_states(tokens) if hidden is None else hidden  # [B, L, D]
         L = h.shape[1]
         if L < 2:
             raise ValueError(f"need at least two chunks (T >= {2 * K}) to have a target, got T={T}")
