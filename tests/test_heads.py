@@ -75,7 +75,7 @@ HEAD_NAMES = sorted(HEADS)
 # Every registered head with its defaults, plus the options that change the computation of the ones
 # we know (a head added later is covered by its defaults without an edit here).
 MORE_VARIANTS = {
-    "energy": [{"shared_target_noise": False, "alpha": 1.5}],
+    "energy": [{"shared_target_noise": False, "alpha": 1.5}, {"ffn_bias": True, "init": "normal"}],
     "flow": [{"solver": "euler"}],
     "diffusion": [{"learn_sigma": True}, {"deterministic": True}],
 }
@@ -115,9 +115,9 @@ def test_head_config_has_a_section_per_head(name):
     assert set(cls.sampling_keys) <= fields
 
 
-@pytest.mark.parametrize("name", HEAD_NAMES)
-def test_declared_param_split_and_evals_match_the_module(name):
-    cfg = tiny_cfg(name)
+@pytest.mark.parametrize("name,opts", VARIANTS, ids=VARIANT_IDS)
+def test_declared_param_split_and_evals_match_the_module(name, opts):
+    cfg = tiny_cfg(name, **opts)
     head = build_head(D, LATENT, cfg, num_backbone_layers=4)
     once, per_eval = HEADS[name].param_split(cfg, D, LATENT, 4)
     assert once >= 0 and per_eval > 0

@@ -93,10 +93,12 @@ class EnergyHead(GenerativeHead):
         cls, cfg: HeadConfig, hidden_size: int, latent_size: int, num_backbone_layers: int
     ) -> tuple[int, int]:
         """cond_proj, cond_norm and each block's W_c (w^2, ``EnergyBlock.condition``) once per position;
-        the rest (~6 w^2 per block) once per sample. LayerNorm: 2w; SwiGLU(w, w): 3w^2, no biases."""
+        the rest (~6 w^2 per block) once per sample. LayerNorm: 2w; SwiGLU(w, w): 3w^2 (+ 3w with ffn_bias)."""
         D, lat, w = hidden_size, latent_size, cfg.width or hidden_size
         n, nb = cfg.energy.noise_size, resolve_num_blocks(cfg.energy.num_blocks, num_backbone_layers)
         block = 2 * w + (w * w + w) + (w * w + w) + 3 * w * w  # norm, fuse (W_e half + b), fuse[2], ffn
+        if cfg.energy.ffn_bias:
+            block += 3 * w  # the gated FFN's biases (w1, w3, w2: w each)
         per_position = D * w + w + 2 * w + nb * w * w  # cond_proj, cond_norm, W_c per block
         per_eval = (n * w + w + 2 * w) + nb * block + (2 * w + w * w + w) + (w * lat + lat)
         return per_position, per_eval  # noise_proj + norm, blocks, out_norm + out_hidden, out_proj
