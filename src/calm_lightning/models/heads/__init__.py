@@ -22,9 +22,13 @@ import importlib
 import pkgutil
 from collections.abc import Iterator, MutableMapping
 from dataclasses import field, make_dataclass
+from typing import TYPE_CHECKING
 
 from calm_lightning.models.config import CommonHeadConfig
 from calm_lightning.models.heads.base import HEAD_CONFIG_KEY, GenerativeHead
+
+if TYPE_CHECKING:
+    from calm_lightning.models.config import HeadConfig
 
 
 class HeadRegistry(MutableMapping):
@@ -122,7 +126,7 @@ def sampling_override_keys() -> tuple[str, ...]:
     return tuple(f"{HEAD_CONFIG_KEY}.{name}.{key}" for name, cls in HEADS.items() for key in cls.sampling_keys)
 
 
-def build_head(hidden_size: int, latent_size: int, cfg, num_backbone_layers: int) -> GenerativeHead:
+def build_head(hidden_size: int, latent_size: int, cfg: HeadConfig, num_backbone_layers: int) -> GenerativeHead:
     """The head named ``cfg.name`` (a ``HeadConfig``), sized for hidden size D and latent size l."""
     if cfg.name not in HEADS:
         raise KeyError(f"unknown head {cfg.name!r}; registered: {sorted(HEADS)}")
