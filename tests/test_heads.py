@@ -29,14 +29,21 @@ from calm_lightning.models.heads.flow import integrate_flow
 D, LATENT, P = 12, 6, 5  # conditioning width, latent size, positions
 
 
+# Small sizes for the heads that have them (any other registered head runs with its defaults).
+SMALL = {
+    "energy": {"noise_size": 8, "num_target_samples": 10},
+    "flow": {"num_steps": 3},
+    "diffusion": {"train_timesteps": 50, "num_steps": 5},
+}
+
+
 def tiny_cfg(name: str, **section) -> HeadConfig:
     """A small head config; ``section`` overrides fields of the head's own section."""
     cfg = HeadConfig(name=name, num_samples=4, width=16)
-    cfg.energy.noise_size = 8
-    cfg.energy.num_target_samples = 10
-    cfg.flow.num_steps = 3
-    cfg.diffusion.train_timesteps = 50
-    cfg.diffusion.num_steps = 5
+    for head, small in SMALL.items():
+        if hasattr(cfg, head):
+            for key, value in small.items():
+                setattr(getattr(cfg, head), key, value)
     for key, value in section.items():
         setattr(getattr(cfg, name), key, value)
     return cfg
@@ -65,29 +72,103 @@ def targets(num_positions: int = P, latent: int = LATENT):
 
 
 HEAD_NAMES = sorted(HEADS)
-# Every option that changes the computation, for the contract tests.
-VARIANTS = [
-    ("energy", {}),
-    ("energy", {"shared_target_noise": False, "alpha": 1.5}),
-    ("flow", {"solver": "euler"}),
-    ("flow", {"solver": "midpoint"}),
-    ("diffusion", {}),
-    ("diffusion", {"learn_sigma": True}),
-    ("diffusion", {"deterministic": True}),
-]
+# Every registered head with its defaults, plus the options that change the computation of the ones
+# we know (a head added later is covered by its defaults without an edit here).
+MORE_VARIANTS = {
+    "energy": [{"shared_target_noise": False, "alpha": 1.5}, {"ffn_bias": True, "init": "normal"}],
+    "flow": [{"solver": "euler"}],
+    "diffusion": [{"learn_sigma": True}, {"deterministic": True}],
+}
+VARIANTS = [(name, opts) for name in HEAD_NAMES for opts in [{}, *MORE_VARIANTS.get(name, [])]]
 VARIANT_IDS = [name + "".join(f"-{k}={v}" for k, v in opts.items()) for name, opts in VARIANTS]
 
 
 # ----------------------------------------------------------------------------- contract, over the registry
 
 
-def test_registry_holds_the_three_heads():
-    assert set(HEADS) == {"energy", "flow", "diffusion"}
-    assert {name for name, _ in VARIANTS} == set(HEADS)
+def test_registry_discovers_the_package_heads():
+    import pkgutil
+
+    from calm_lightning.models import heads
+
+    assert {"energy", "flow", "diffusion"} <= set(HEADS)  # found without an import list
+    modules = {f"{heads.__name__}.{m.name}" for m in pkgutil.iter_modules(heads.__path__)}
     for name in HEADS:
+        assert HEADS[name].name == name and HEADS[name].__module__ in modules
         assert isinstance(make_head(name), HEADS[name])
     with pytest.raises(KeyError):
         build_head(D, LATENT, HeadConfig(name="nope"), 4)
+
+
+@pytest.mark.parametrize("name", HEAD_NAMES)
+def test_head_config_has_a_section_per_head(name):
+    import dataclasses
+
+    cls = HEADS[name]
+    if cls.config_class is None:
+        assert not hasattr(HeadConfig(), name)
+        return
+    assert dataclasses.is_dataclass(cls.config_class)
+    assert isinstance(getattr(HeadConfig(), name), cls.config_class)  # with the dataclass's defaults
+    assert cls.validate(HeadConfig()) == []  # the defaults are valid
+    fields = {f.name for f in dataclasses.fields(cls.config_class)}
+    assert set(cls.sampling_keys) <= fields
+
+
+@pytest.mark.parametrize("name,opts", VARIANTS, ids=VARIANT_IDS)
+def test_declared_param_split_and_evals_match_the_module(name, opts):
+    cfg = tiny_cfg(name, **opts)
+    head = build_head(D, LATENT, cfg, num_backbone_layers=4)
+    once, per_eval = HEADS[name].param_split(cfg, D, LATENT, 4)
+    assert once >= 0 and per_eval > 0
+    assert once + per_eval == sum(p.numel() for p in head.parameters())
+    assert head.evals_per_sample == HEADS[name].sample_evals(cfg) >= 1
+    assert HEADS[name].train_evals(cfg) >= 1
+
+
+@pytest.mark.parametrize("name", HEAD_NAMES)
+def test_sampling_sweep_overrides_only_sampling_keys(name):
+    from calm_lightning.config.loader import load_config, to_object
+
+    cls = HEADS[name]
+    settings = cls.sampling_sweep(HeadConfig(name=name))
+    assert settings and len({(s.solver, s.steps) for s in settings}) == len(settings)
+    allowed = {cls.key(k) for k in cls.sampling_keys}
+    for s in settings:
+        assert {o.split("=")[0] for o in s.overrides} <= allowed
+        cfg = to_object(load_config(None, [f"model.head.name={name}", *s.overrides])).model.head
+        assert cls.sample_evals(cfg) == s.evals_per_sample
+
+
+def test_default_declarations_of_an_undeclared_head():
+    """A head that declares nothing still gets FLOPs (every parameter per evaluation), no section,
+    no sampling keys and a one-step, one-setting sweep."""
+    from calm_lightning.models.heads.base import GenerativeHead
+
+    class Bare(GenerativeHead):
+        def __init__(self, hidden_size, latent_size, cfg, num_backbone_layers):
+            super().__init__(hidden_size, latent_size, cfg, num_backbone_layers)
+            self.net = torch.nn.Linear(hidden_size, latent_size)
+
+        def loss(self, hidden, mu, log_sigma):
+            return (self.net(hidden) - mu).square().sum(-1)
+
+        def sample(self, hidden, num_samples=1, generator=None):
+            return self.net(hidden)[:, None].expand(-1, num_samples, -1)
+
+    cfg = HeadConfig(name="bare", num_samples=3)
+    assert Bare.param_split(cfg, D, LATENT, 4) == (0, D * LATENT + LATENT)
+    assert (Bare.sample_evals(cfg), Bare.train_evals(cfg), Bare.validate(cfg)) == (1, 3, [])
+    assert [(s.solver, s.steps, s.overrides) for s in Bare.sampling_sweep(cfg)] == [("one-step", 1, ())]
+
+
+def test_eval_accepts_exactly_the_heads_sampling_keys():
+    from calm_lightning.evaluation import EVAL_OVERRIDE_PREFIXES, HEAD_SAMPLING_KEYS
+
+    want = {f"model.head.{name}.{k}" for name in HEADS for k in HEADS[name].sampling_keys}
+    assert set(HEAD_SAMPLING_KEYS) == want
+    assert {"model.head.flow.num_steps", "model.head.diffusion.deterministic"} <= want
+    assert all(f"{k}=" in EVAL_OVERRIDE_PREFIXES for k in want)
 
 
 @pytest.mark.parametrize("name,opts", VARIANTS, ids=VARIANT_IDS)
@@ -332,7 +413,7 @@ TOY_SETTINGS = {
 }
 
 
-@pytest.mark.parametrize("name", HEAD_NAMES)
+@pytest.mark.parametrize("name", [n for n in HEAD_NAMES if n in TOY_SETTINGS])
 def test_tiny_head_fits_a_conditional_2d_gaussian(name):
     settings = dict(TOY_SETTINGS[name])
     torch.manual_seed(0)

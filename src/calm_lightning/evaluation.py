@@ -22,15 +22,12 @@ from calm_lightning.checkpoints import read_checkpoint
 from calm_lightning.config.loader import load_config_from_dict
 from calm_lightning.data.datamodule import TokenChunkDataModule
 from calm_lightning.errors import CalmError
+from calm_lightning.models.heads import sampling_override_keys
 from calm_lightning.utils.hardware import resolve_precision
 
-# Sampling-only head settings change no weights (the head is rebuilt from the overridden config).
-HEAD_SAMPLING_KEYS = (
-    "model.head.flow.num_steps",
-    "model.head.flow.solver",
-    "model.head.diffusion.num_steps",
-    "model.head.diffusion.deterministic",
-)
+# Sampling-only head settings change no weights (the head is rebuilt from the overridden config);
+# each head declares its own (``GenerativeHead.sampling_keys``).
+HEAD_SAMPLING_KEYS = sampling_override_keys()
 EVAL_OVERRIDE_PREFIXES = (
     "data.",
     "tokenizer.",

@@ -29,7 +29,7 @@ Counting convention (the one that reproduces Table 1 of the paper; CALM.md secti
     token" counts the chunk-level layers K times: +4.6M FLOPs per token at the paper's AE, <2%.)
     Training: 3 * [2 * (backbone + compression + N * head) + 4 * layers * context * d] / K, N =
     ``head.num_samples`` (8) network evaluations of the head per position (energy: one per sample;
-    flow/diffusion: one timestep per replica), plus the frozen AE encoder's forward (the targets, no
+    flow/diffusion: one timestep per replica; each head declares its counts: ``GenerativeHead``), plus the frozen AE encoder's forward (the targets, no
     backward; 5.5M FLOPs per token at the paper's AE). What depends on h alone runs once per
     position, not per sample or solver step (``head_param_split``), as the implementation does: the
     heads' condition projection and, in the energy head, each block's condition half of its fuse
@@ -67,8 +67,7 @@ from torch import nn
 from calm_lightning.models.autoencoder import ChunkAutoencoder
 from calm_lightning.models.calm import CALM
 from calm_lightning.models.config import AutoencoderConfig, BackboneConfig, HeadConfig
-from calm_lightning.models.heads.base import resolve_num_blocks
-from calm_lightning.models.heads.flow import SOLVER_EVALS
+from calm_lightning.models.heads import HEADS, GenerativeHead
 from calm_lightning.models.token_lm import TokenLM
 
 # FLOPs of a training step relative to the forward pass (backward = 2 x forward).
@@ -142,58 +141,22 @@ def compression_params(d_model: int, chunk_size: int) -> int:
     return chunk_size * D * 2 * D + 2 * D * D + layernorm_params(D)
 
 
-def _adaln_mlp_param_split(latent: int, cond: int, w: int, num_blocks: int, out: int) -> tuple[int, int]:
-    """heads/adaln.py ``AdaLNMLP`` (all linears with bias; no-affine LayerNorms) as (the condition
-    projection, run once per position by ``embed_condition``; the rest, run per evaluation)."""
-    block = 2 * (w * w + w) + (w * 3 * w + 3 * w)  # MLP w -> w -> w, modulation w -> 3w
-    per_eval = sum(
-        [
-            latent * w + w,  # input_proj
-            2 * (w * w + w),  # time_embed MLP
-            num_blocks * block,
-            w * 2 * w + 2 * w,  # final_modulation
-            w * out + out,  # out_proj
-        ]
-    )
-    return cond * w + w, per_eval
+def _head_class(cfg: HeadConfig) -> type[GenerativeHead]:
+    if cfg.name not in HEADS:
+        raise ValueError(f"no FLOPs formula for head {cfg.name!r}: it is not registered ({sorted(HEADS)})")
+    return HEADS[cfg.name]
 
 
 def head_param_split(
     hidden_size: int, latent_size: int, cfg: HeadConfig, num_backbone_layers: int
 ) -> tuple[int, int]:
     """Parameters of the generative head named by ``cfg.name`` (width ``cfg.width`` or D), split as
-    (run once per position, run once per network evaluation).
+    (run once per position, run once per network evaluation): the head's ``param_split``.
 
     Every head projects the condition h once per position and repeats it over the samples and solver
     steps (``EnergyHead.condition``, ``AdaLNMLP.embed_condition``).
     """
-    D, lat, w = hidden_size, latent_size, cfg.width or hidden_size
-    if cfg.name == "energy":
-        n = cfg.energy.noise_size
-        nb = resolve_num_blocks(cfg.energy.num_blocks, num_backbone_layers)
-        # per block ~6 w^2; the condition's half of the fuse input Linear (w^2, ``EnergyBlock.condition``)
-        # runs once per position, the rest once per sample
-        block = layernorm_params(w) + (w * w + w) + (w * w + w) + swiglu_params(w, w)
-        per_position = D * w + w + layernorm_params(w) + nb * w * w  # cond_proj, cond_norm, W_c per block
-        per_eval = sum(
-            [
-                n * w + w + layernorm_params(w),  # noise_proj, noise_norm
-                nb * block,
-                layernorm_params(w) + w * w + w,  # out_norm, out_hidden
-                w * lat + lat,  # out_proj
-            ]
-        )
-        return per_position, per_eval
-    if cfg.name == "flow":
-        return _adaln_mlp_param_split(
-            lat, D, w, resolve_num_blocks(cfg.flow.num_blocks, num_backbone_layers), lat
-        )
-    if cfg.name == "diffusion":
-        out = 2 * lat if cfg.diffusion.learn_sigma else lat
-        return _adaln_mlp_param_split(
-            lat, D, w, resolve_num_blocks(cfg.diffusion.num_blocks, num_backbone_layers), out
-        )
-    raise ValueError(f"no FLOPs formula for head {cfg.name!r}; add one to calm_lightning.flops")
+    return _head_class(cfg).param_split(cfg, hidden_size, latent_size, num_backbone_layers)
 
 
 def head_params(hidden_size: int, latent_size: int, cfg: HeadConfig, num_backbone_layers: int) -> int:
@@ -202,14 +165,13 @@ def head_params(hidden_size: int, latent_size: int, cfg: HeadConfig, num_backbon
 
 
 def head_evals_per_sample(cfg: HeadConfig) -> int:
-    """Network evaluations per generated sample (``GenerativeHead.evals_per_sample``)."""
-    if cfg.name == "energy":
-        return 1
-    if cfg.name == "flow":
-        return cfg.flow.num_steps * SOLVER_EVALS[cfg.flow.solver]
-    if cfg.name == "diffusion":
-        return cfg.diffusion.num_steps
-    raise ValueError(f"no FLOPs formula for head {cfg.name!r}; add one to calm_lightning.flops")
+    """Network evaluations per generated sample (``GenerativeHead.sample_evals``)."""
+    return _head_class(cfg).sample_evals(cfg)
+
+
+def head_evals_per_training_position(cfg: HeadConfig) -> int:
+    """Network evaluations per training position (``GenerativeHead.train_evals``; N for every head here)."""
+    return _head_class(cfg).train_evals(cfg)
 
 
 @dataclass(frozen=True)
@@ -357,7 +319,7 @@ def calm_flops(
     )
     r = TRAIN_FORWARD_RATIO
     training = FlopsPerToken(
-        dense=r * 2.0 * (step + head_once + head_cfg.num_samples * head_eval) / K
+        dense=r * 2.0 * (step + head_once + head_evals_per_training_position(head_cfg) * head_eval) / K
         + autoencoder_encode_flops(ae_cfg),
         attention=r * attention,
     )

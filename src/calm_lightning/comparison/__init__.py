@@ -12,9 +12,9 @@ writes to ``out``:
   differences between runs (and against the bigram floor) with their significance; the
   sampling-steps sweep; the token baseline's BrierLM / cross-entropy correlation.
 * ``comparison.json``: the same numbers.
-* ``brierlm_vs_step.png`` (paper Fig. 8), ``brierlm_vs_sampling_steps.png`` (Fig. 9, flow or
-  diffusion runs), ``brierlm_vs_flops.png`` (Fig. 4, when K differs or a baseline is included),
-  ``brier_vs_ce.png`` (Fig. 3, baseline runs with cross-entropy curves); curves carry 95% bands.
+* ``brierlm_vs_step.png`` (paper Fig. 8), ``brierlm_vs_sampling_steps.png`` (Fig. 9, when a run's
+  head sweeps its sampling steps: flow, diffusion), ``brierlm_vs_flops.png`` (Fig. 4, when K differs
+  or a baseline is included), ``brier_vs_ce.png`` (Fig. 3, baseline runs with cross-entropy curves); curves carry 95% bands.
 
 At CPU scale BrierLM is often 0 (the geometric mean is 0 as soon as one Brier-n is <= 0), so every
 figure has a second panel with Brier-1.
@@ -22,7 +22,7 @@ figure has a second panel with Brier-1.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,8 +39,6 @@ from calm_lightning.comparison.report import (
 )
 from calm_lightning.comparison.runs import RunRecord, comparable_config, load_run, resolve_run_dir
 from calm_lightning.comparison.scoring import (
-    DEFAULT_DIFFUSION_STEPS,
-    DEFAULT_FLOW_STEPS,
     SweepPoint,
     brier_ce_correlation,
     paired_rows,
@@ -48,7 +46,13 @@ from calm_lightning.comparison.scoring import (
     score_runs,
 )
 from calm_lightning.errors import CalmError
+from calm_lightning.models.heads import HEADS
 from calm_lightning.utils.io import atomic_write_json, atomic_write_text
+
+# The defaults of cli.py's --sweep-steps / --diffusion-steps: the heads' own ``default_sweep_steps``
+# (kept for the CLI; ``compare`` itself asks every head).
+DEFAULT_FLOW_STEPS = HEADS["flow"].default_sweep_steps
+DEFAULT_DIFFUSION_STEPS = HEADS["diffusion"].default_sweep_steps
 
 __all__ = ["DEFAULT_DIFFUSION_STEPS", "DEFAULT_FLOW_STEPS", "ComparisonResult", "RunRecord", "compare"]
 
@@ -66,16 +70,26 @@ def compare(
     run_dirs: Sequence[str | Path],
     out: str | Path = "runs/compare",
     *,
-    flow_steps: Sequence[int] = DEFAULT_FLOW_STEPS,
-    diffusion_steps: Sequence[int] = DEFAULT_DIFFUSION_STEPS,
+    sweep_steps: Mapping[str, Sequence[int]] | None = None,
     limit_batches: int = 0,
     gen_tokens: int = 32,
     device: str = "auto",
     progress: Callable[[str], None] | None = None,
+    **head_steps: Sequence[int],
 ) -> ComparisonResult:
-    """Read the runs, score them on shared blocks, run the sampling sweep if needed, write the report."""
+    """Read the runs, score them on shared blocks, run the sampling sweep if needed, write the report.
+
+    ``sweep_steps``: head name -> the sampling steps to sweep (each head's ``default_sweep_steps``
+    otherwise); ``<head>_steps=...`` keywords (``flow_steps=(1, 2)``) say the same per head.
+    """
     if not run_dirs:
         raise CalmError("no run directories given")
+    sweep_steps = dict(sweep_steps or {})
+    for key, value in head_steps.items():
+        head = key.removesuffix("_steps")
+        if not key.endswith("_steps") or head not in HEADS:
+            raise TypeError(f"compare() got an unexpected keyword argument {key!r}")
+        sweep_steps[head] = value
     resolved = [resolve_run_dir(p) for p in run_dirs]
     for p in resolved:  # every run checked before any slow work
         comparable_config(p)
@@ -91,7 +105,7 @@ def compare(
     floors = score_runs(runs, limit_batches, progress)
     pairs = paired_rows(runs, floors)
     corr = brier_ce_correlation(runs)
-    sweep = sampling_sweep(runs, flow_steps, diffusion_steps, limit_batches, progress)
+    sweep = sampling_sweep(runs, sweep_steps, limit_batches, progress)
 
     out = Path(out)
     files = [out / "brierlm_vs_step.png"]

@@ -188,8 +188,8 @@ def plot_brierlm_vs_sampling_steps(points: Sequence[SweepPoint], path: Path) -> 
         pts = sorted(pts, key=lambda p: p.steps)
         for ax, (tag, _) in zip(axes, PANELS):
             xs, ys = [p.steps for p in pts], [p.metrics.get(tag, float("nan")) for p in pts]
-            if head == "energy":
-                ax.scatter(xs, ys, marker="*", s=160, zorder=3, label=f"{label} (energy, 1 step)")
+            if len(pts) == 1:  # a head with nothing to sweep (energy: one step), whatever its name
+                ax.scatter(xs, ys, marker="*", s=160, zorder=3, label=f"{label} ({head}, {solver})")
             else:
                 ax.plot(xs, ys, marker="o", label=f"{label} ({head}, {solver})")
     for ax in axes:

@@ -32,7 +32,7 @@ class RunRecord:
     run_dir: Path
     checkpoint: Path
     kind: str  # calm | ar
-    head: str | None  # energy | flow | diffusion; None for the token baseline
+    head: str | None  # registry name of the head (energy, flow, diffusion...); None for the token baseline
     chunk_size: int  # K (1 for the token baseline)
     step: int  # optimizer steps of the last checkpoint
     max_steps: int  # the run's configured trainer.max_steps

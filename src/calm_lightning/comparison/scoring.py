@@ -3,28 +3,25 @@
 Each checkpoint is evaluated again (``evaluate.evaluate``, the whole validation split unless
 limited), keeping its per-block Brier sums, so that differences between runs are tested by paired
 differences per block (`metrics.paired`), and so are the unigram/bigram floors on the same positions.
-Also: the sampling-steps sweep of flow/diffusion heads, and BrierLM against cross-entropy.
+Also: the sampling-steps sweep each head offers (flow, diffusion), and BrierLM against cross-entropy.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from calm_lightning.comparison.runs import RunRecord, _read_config
 
-DEFAULT_FLOW_STEPS = (1, 2, 4, 8, 16)
-DEFAULT_DIFFUSION_STEPS = (10, 25, 50, 100)
-
 
 @dataclass
 class SweepPoint:
-    """BrierLM of one checkpoint evaluated with one sampler setting."""
+    """BrierLM of one checkpoint evaluated with one sampler setting (``GenerativeHead.sampling_sweep``)."""
 
     label: str
     head: str
-    solver: str  # euler | midpoint (flow), ancestral | ddim (diffusion), one-step (energy)
-    steps: int  # solver steps (flow, diffusion) or 1 (energy)
+    solver: str  # the setting's label: euler | midpoint (flow), ancestral | ddim (diffusion), one-step (energy)
+    steps: int  # sampling steps (1 for a one-step head)
     evals_per_sample: int  # network evaluations per vector
     metrics: dict[str, float]
 
@@ -33,51 +30,37 @@ class SweepPoint:
         return self.metrics.get("val/brierlm", float("nan"))
 
 
-
 def sampling_sweep(
     runs: Sequence[RunRecord],
-    flow_steps: Sequence[int],
-    diffusion_steps: Sequence[int],
+    steps: Mapping[str, Sequence[int]] | None = None,
     limit_batches: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> list[SweepPoint]:
-    """BrierLM of every flow/diffusion checkpoint at each number of sampling steps; energy runs once.
+    """BrierLM of every CALM checkpoint at each sampler setting its head offers (``sampling_sweep``:
+    flow and diffusion sweep their steps, a one-step head such as energy runs once).
 
-    Nothing to do (empty list) unless a flow or diffusion run is among ``runs``.
+    ``steps``: head name -> the steps to sweep (a head's ``default_sweep_steps`` otherwise). Nothing to
+    do (empty list) unless some run's head offers more than one setting.
     """
     from calm_lightning.evaluation import evaluate
+    from calm_lightning.models.heads import HEADS
 
-    if not any(r.head in ("flow", "diffusion") for r in runs):
+    steps = steps or {}
+    plans = [
+        (run, HEADS[run.head].sampling_sweep(_read_config(run.run_dir).model.head, steps.get(run.head)))
+        for run in runs
+        if run.head is not None
+    ]
+    if not any(len(settings) > 1 for _, settings in plans):
         return []
     points: list[SweepPoint] = []
-
-    def run_eval(run: RunRecord, solver: str, steps: int, evals: int, overrides: list[str]) -> None:
-        if progress is not None:
-            progress(f"evaluating {run.label}: {run.head} {solver}, {steps} step(s)")
-        result = evaluate(run.checkpoint, overrides, limit_batches=limit_batches)
-        points.append(SweepPoint(run.label, run.head, solver, steps, evals, result["metrics"]))
-
-    for run in runs:
-        if run.head == "energy":
-            run_eval(run, "one-step", 1, 1, [])
-        elif run.head == "flow":
-            for solver, evals_per_step in (("euler", 1), ("midpoint", 2)):
-                for n in flow_steps:
-                    run_eval(
-                        run,
-                        solver,
-                        n,
-                        n * evals_per_step,
-                        [f"model.head.flow.solver={solver}", f"model.head.flow.num_steps={n}"],
-                    )
-        elif run.head == "diffusion":
-            exp = _read_config(run.run_dir)
-            solver = "ddim" if exp.model.head.diffusion.deterministic else "ancestral"
-            for n in diffusion_steps:
-                if n <= exp.model.head.diffusion.train_timesteps:
-                    run_eval(run, solver, n, n, [f"model.head.diffusion.num_steps={n}"])
+    for run, settings in plans:
+        for s in settings:
+            if progress is not None:
+                progress(f"evaluating {run.label}: {run.head} {s.solver}, {s.steps} step(s)")
+            result = evaluate(run.checkpoint, list(s.overrides), limit_batches=limit_batches)
+            points.append(SweepPoint(run.label, run.head, s.solver, s.steps, s.evals_per_sample, result["metrics"]))
     return points
-
 
 
 @dataclass

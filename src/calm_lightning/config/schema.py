@@ -187,17 +187,9 @@ def validate(cfg: ExperimentConfig) -> list[str]:
                        f"must be >= data.block_size = {cfg.data.block_size}, got {bb.max_seq_len}")
     errs += _check(hd.name in HEADS, "model.head.name", f"must be one of {', '.join(sorted(HEADS))}, got {hd.name!r}")
     errs += _check(hd.num_samples >= 2, "model.head.num_samples", f"must be >= 2 (the energy score needs pairs), got {hd.num_samples}")
-    errs += _check(hd.energy.num_target_samples >= 1, "model.head.energy.num_target_samples", f"must be >= 1, got {hd.energy.num_target_samples}")
-    errs += _check(hd.energy.noise_size >= 1, "model.head.energy.noise_size",
-                   f"must be >= 1 (without noise the head is deterministic), got {hd.energy.noise_size}")
-    errs += _check(hd.energy.init in ("xavier", "normal"), "model.head.energy.init",
-                   f"must be xavier or normal, got {hd.energy.init!r}")
     errs += _check(hd.norm_eps > 0, "model.head.norm_eps", f"must be > 0, got {hd.norm_eps}")
-    errs += _check(0.0 < hd.energy.alpha < 2.0, "model.head.energy.alpha", f"must be in (0, 2) to be strictly proper, got {hd.energy.alpha}")
-    errs += _check(hd.flow.solver in ("euler", "midpoint"), "model.head.flow.solver", f"must be euler or midpoint, got {hd.flow.solver!r}")
-    errs += _check(hd.flow.num_steps >= 1, "model.head.flow.num_steps", f"must be >= 1, got {hd.flow.num_steps}")
-    errs += _check(1 <= hd.diffusion.num_steps <= hd.diffusion.train_timesteps, "model.head.diffusion.num_steps",
-                   f"must be in [1, train_timesteps={hd.diffusion.train_timesteps}], got {hd.diffusion.num_steps}")
+    for head in HEADS.values():  # every section is in the config, so every section is checked
+        errs += head.validate(hd)
     o = cfg.optim
     errs += _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     errs += _check(o.schedule in SCHEDULES, "optim.schedule", f"must be one of {', '.join(SCHEDULES)}, got {o.schedule!r}")

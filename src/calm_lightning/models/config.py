@@ -1,12 +1,13 @@
 """Plain dataclasses describing model shapes and head hyper-parameters.
 
 They carry no omegaconf or Lightning dependency so the model package stays plain PyTorch; the
-experiment schema (`calm_lightning.config.schema`) nests them, and omegaconf validates them.
+experiment schema (`calm_lightning.config.schema`) nests them, and omegaconf validates them. Each
+head's own section is defined in its head file; ``HeadConfig`` is assembled from the registered heads.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass
@@ -50,50 +51,24 @@ class BackboneConfig:
 
 
 @dataclass
-class EnergyHeadConfig:
-    """Energy-score head (CALM.md section 2)."""
+class CommonHeadConfig:
+    """The settings every generative head shares. ``HeadConfig`` adds one section per registered head
+    (``model.head.<name>.*``, the head's own ``config_class``): see ``calm_lightning.models.heads``."""
 
-    noise_size: int = 64  # dimension of the uniform noise eps ~ U[-0.5, 0.5]
-    num_blocks: int = 0  # residual blocks; 0 = max(1, backbone layers // 4)
-    num_target_samples: int = 100  # M: posterior samples per position in the energy loss
-    alpha: float = 1.0  # exponent of the distance in the energy score, strictly proper in (0, 2)
-    shared_target_noise: bool = True  # one N(0, I) bank of M per batch, sign-flipped per position; False = i.i.d.
-    ffn_bias: bool = False  # biases in each block's gated FFN (reference: true)
-    init: str = "xavier"  # xavier (uniform) | normal: N(0, 0.02) for every Linear (reference); last Linear zero either way
-
-
-@dataclass
-class FlowHeadConfig:
-    """Flow-matching head (CALM.md section 3)."""
-
-    num_blocks: int = 0  # adaLN residual blocks; 0 = max(1, backbone layers // 4)
-    solver: str = "midpoint"  # euler | midpoint
-    num_steps: int = 4  # solver steps from t=0 to t=1
-    time_scale: float = 1000.0  # t in [0, 1] is multiplied by this before the sinusoidal timestep embedding
-    discrete_time: bool = False  # the net sees floor(t * time_scale), as the reference code (training and sampling)
-
-
-@dataclass
-class DiffusionHeadConfig:
-    """Diffusion head with a cosine schedule and epsilon prediction (CALM.md section 3)."""
-
-    num_blocks: int = 0  # adaLN residual blocks; 0 = max(1, backbone layers // 4)
-    train_timesteps: int = 1000  # discrete timesteps of the cosine schedule
-    num_steps: int = 100  # respaced sampling steps
-    deterministic: bool = False  # DDIM-style sampling instead of ancestral
-    learn_sigma: bool = False  # also predict the variance interpolation
-    cosine_offset: float = 0.008  # s of the cosine schedule, abar(u) ~ cos^2((u + s)/(1 + s) * pi/2)
-    max_beta: float = 0.999  # upper clip of each beta_t (the cosine schedule's last beta would be 1)
-
-
-@dataclass
-class HeadConfig:
-    """Generative head: which one (registry name) and each head's own section."""
-
-    name: str = "energy"  # energy | flow | diffusion
+    name: str = "energy"  # registry name of the head (``calm_lightning.models.heads.HEADS``)
     num_samples: int = 8  # N: head samples per position in training
     width: int = 0  # hidden width of the head; 0 = backbone d_model
     norm_eps: float = 1e-5  # eps of the head's LayerNorms (energy and adaLN nets; reference: 1e-6)
-    energy: EnergyHeadConfig = field(default_factory=EnergyHeadConfig)
-    flow: FlowHeadConfig = field(default_factory=FlowHeadConfig)
-    diffusion: DiffusionHeadConfig = field(default_factory=DiffusionHeadConfig)
+
+
+def __getattr__(name: str):
+    """``HeadConfig`` and the heads' own section classes (``EnergyHeadConfig``...), found in the head
+    registry: they are defined next to their heads, and HeadConfig is built from them on first use."""
+    from calm_lightning.models import heads
+
+    if name == "HeadConfig":
+        return heads.head_config_class()
+    for cls in heads.HEADS.values():
+        if cls.config_class is not None and cls.config_class.__name__ == name:
+            return cls.config_class
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -63,6 +63,23 @@ class AdaLNMLP(nn.Module):
         self.out_proj = nn.Linear(width, out_size or latent_size)
         self.reset_parameters()
 
+    @staticmethod
+    def param_split(latent_size: int, cond_size: int, width: int, num_blocks: int, out_size: int) -> tuple[int, int]:
+        """Parameters as (the condition projection, run once per position by ``embed_condition``; the
+        rest, run per evaluation). Every Linear has a bias; the LayerNorms have no affine."""
+        w = width
+        block = 2 * (w * w + w) + (w * 3 * w + 3 * w)  # MLP w -> w -> w, modulation w -> 3w
+        per_eval = sum(
+            [
+                latent_size * w + w,  # input_proj
+                2 * (w * w + w),  # time_embed MLP
+                num_blocks * block,
+                w * 2 * w + 2 * w,  # final_modulation
+                w * out_size + out_size,  # out_proj
+            ]
+        )
+        return cond_size * w + w, per_eval
+
     def reset_parameters(self) -> None:
         for m in self.modules():
             if isinstance(m, nn.Linear):

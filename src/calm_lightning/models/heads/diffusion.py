@@ -23,15 +23,31 @@ heads diverge there; a lower max_beta (or fewer train_timesteps) tames it.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from calm_lightning.models.config import HeadConfig
 from calm_lightning.models.heads import register_head
 from calm_lightning.models.heads.adaln import AdaLNMLP
-from calm_lightning.models.heads.base import GenerativeHead, resolve_num_blocks
+from calm_lightning.models.heads.base import GenerativeHead, SweepSetting, resolve_num_blocks
+
+if TYPE_CHECKING:
+    from calm_lightning.models.config import HeadConfig
+
+
+@dataclass
+class DiffusionHeadConfig:
+    """Diffusion head with a cosine schedule and epsilon prediction (CALM.md section 3): ``model.head.diffusion.*``."""
+
+    num_blocks: int = 0  # adaLN residual blocks; 0 = max(1, backbone layers // 4)
+    train_timesteps: int = 1000  # discrete timesteps of the cosine schedule
+    num_steps: int = 100  # respaced sampling steps
+    deterministic: bool = False  # DDIM-style sampling instead of ancestral
+    learn_sigma: bool = False  # also predict the variance interpolation
+    cosine_offset: float = 0.008  # s of the cosine schedule, abar(u) ~ cos^2((u + s)/(1 + s) * pi/2)
+    max_beta: float = 0.999  # upper clip of each beta_t (the cosine schedule's last beta would be 1)
 
 
 def cosine_betas(num_timesteps: int, offset: float, max_beta: float) -> torch.Tensor:
@@ -146,8 +162,44 @@ class DiffusionHead(GenerativeHead):
     With learn_sigma the net also outputs v (variance interpolation) and L_vb is, per dimension and in
     nats, KL(q(x_{t-1} | x_t, z) || p(x_{t-1} | x_t)) for t > 0 and -log p(z | x_0) for t = 0, with the
     mean's eps^ detached so L_vb trains only the variance (IDDPM / DiT "learned range" with weight 1).
-    Sampling: cfg.diffusion.num_steps respaced steps, ancestral or deterministic (DDIM).
+    Sampling: cfg.diffusion.num_steps respaced steps, ancestral or deterministic (DDIM); `calm compare`
+    sweeps the number of steps with the trained sampler.
     """
+
+    config_class = DiffusionHeadConfig
+    sampling_keys = ("num_steps", "deterministic")
+    default_sweep_steps = (10, 25, 50, 100)
+
+    @classmethod
+    def validate(cls, cfg: HeadConfig) -> list[str]:
+        d = cfg.diffusion
+        if 1 <= d.num_steps <= d.train_timesteps:
+            return []
+        return [f"{cls.key('num_steps')}: must be in [1, train_timesteps={d.train_timesteps}], got {d.num_steps}"]
+
+    @classmethod
+    def param_split(
+        cls, cfg: HeadConfig, hidden_size: int, latent_size: int, num_backbone_layers: int
+    ) -> tuple[int, int]:
+        d = cfg.diffusion
+        out = 2 * latent_size if d.learn_sigma else latent_size
+        num_blocks = resolve_num_blocks(d.num_blocks, num_backbone_layers)
+        return AdaLNMLP.param_split(latent_size, hidden_size, cfg.width or hidden_size, num_blocks, out)
+
+    @classmethod
+    def sample_evals(cls, cfg: HeadConfig) -> int:
+        return cfg.diffusion.num_steps
+
+    @classmethod
+    def sampling_sweep(cls, cfg: HeadConfig, steps: Sequence[int] | None = None) -> list[SweepSetting]:
+        """The trained sampler (ancestral or DDIM) at every number of steps up to train_timesteps."""
+        d = cfg.diffusion
+        solver = "ddim" if d.deterministic else "ancestral"
+        return [
+            SweepSetting(solver, n, n, (f"{cls.key('num_steps')}={n}",))
+            for n in (steps or cls.default_sweep_steps)
+            if n <= d.train_timesteps
+        ]
 
     def __init__(self, hidden_size: int, latent_size: int, cfg: HeadConfig, num_backbone_layers: int):
         super().__init__(hidden_size, latent_size, cfg, num_backbone_layers)
@@ -221,7 +273,3 @@ class DiffusionHead(GenerativeHead):
             generator,
         )
         return z.view(P, S, self.latent_size)
-
-    @property
-    def evals_per_sample(self) -> int:
-        return self.cfg.diffusion.num_steps

@@ -6,15 +6,33 @@ sample; its distribution is only known through samples, which is all the energy 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from calm_lightning.models.config import HeadConfig
 from calm_lightning.models.heads import register_head
 from calm_lightning.models.heads.base import GenerativeHead, resolve_num_blocks
 from calm_lightning.models.heads.energy_loss import energy_score_loss
 from calm_lightning.models.layers import SwiGLU
+
+if TYPE_CHECKING:
+    from calm_lightning.models.config import HeadConfig
+
+
+@dataclass
+class EnergyHeadConfig:
+    """Energy-score head (CALM.md section 2): ``model.head.energy.*``."""
+
+    noise_size: int = 64  # dimension of the uniform noise eps ~ U[-0.5, 0.5]
+    num_blocks: int = 0  # residual blocks; 0 = max(1, backbone layers // 4)
+    num_target_samples: int = 100  # M: posterior samples per position in the energy loss
+    alpha: float = 1.0  # exponent of the distance in the energy score, strictly proper in (0, 2)
+    shared_target_noise: bool = True  # one N(0, I) bank of M per batch, sign-flipped per position; False = i.i.d.
+    ffn_bias: bool = False  # biases in each block's gated FFN (reference: true)
+    init: str = "xavier"  # xavier (uniform) | normal: N(0, 0.02) for every Linear (reference); last Linear zero either way
 
 
 class EnergyBlock(nn.Module):
@@ -54,7 +72,36 @@ class EnergyHead(GenerativeHead):
 
     noise eps[B, noise_size] -> Linear -> LN = e;  h[B, D] -> Linear -> LN = c;
     num_blocks x EnergyBlock(e, c);  LN -> Linear -> SiLU -> Linear(w -> l) (zero-initialised).
+    One network evaluation per sample, so `calm compare` has nothing to sweep (one-step).
     """
+
+    config_class = EnergyHeadConfig
+
+    @classmethod
+    def validate(cls, cfg: HeadConfig) -> list[str]:
+        e = cfg.energy
+        checks = [
+            (e.num_target_samples >= 1, "num_target_samples", f"must be >= 1, got {e.num_target_samples}"),
+            (e.noise_size >= 1, "noise_size", f"must be >= 1 (without noise the head is deterministic), got {e.noise_size}"),
+            (e.init in ("xavier", "normal"), "init", f"must be xavier or normal, got {e.init!r}"),
+            (0.0 < e.alpha < 2.0, "alpha", f"must be in (0, 2) to be strictly proper, got {e.alpha}"),
+        ]
+        return [f"{cls.key(k)}: {msg}" for ok, k, msg in checks if not ok]
+
+    @classmethod
+    def param_split(
+        cls, cfg: HeadConfig, hidden_size: int, latent_size: int, num_backbone_layers: int
+    ) -> tuple[int, int]:
+        """cond_proj, cond_norm and each block's W_c (w^2, ``EnergyBlock.condition``) once per position;
+        the rest (~6 w^2 per block) once per sample. LayerNorm: 2w; SwiGLU(w, w): 3w^2 (+ 3w with ffn_bias)."""
+        D, lat, w = hidden_size, latent_size, cfg.width or hidden_size
+        n, nb = cfg.energy.noise_size, resolve_num_blocks(cfg.energy.num_blocks, num_backbone_layers)
+        block = 2 * w + (w * w + w) + (w * w + w) + 3 * w * w  # norm, fuse (W_e half + b), fuse[2], ffn
+        if cfg.energy.ffn_bias:
+            block += 3 * w  # the gated FFN's biases (w1, w3, w2: w each)
+        per_position = D * w + w + 2 * w + nb * w * w  # cond_proj, cond_norm, W_c per block
+        per_eval = (n * w + w + 2 * w) + nb * block + (2 * w + w * w + w) + (w * lat + lat)
+        return per_position, per_eval  # noise_proj + norm, blocks, out_norm + out_hidden, out_proj
 
     def __init__(self, hidden_size: int, latent_size: int, cfg: HeadConfig, num_backbone_layers: int):
         super().__init__(hidden_size, latent_size, cfg, num_backbone_layers)

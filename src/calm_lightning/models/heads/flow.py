@@ -2,17 +2,32 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from calm_lightning.models.config import HeadConfig
 from calm_lightning.models.heads import register_head
 from calm_lightning.models.heads.adaln import AdaLNMLP
-from calm_lightning.models.heads.base import GenerativeHead, resolve_num_blocks
+from calm_lightning.models.heads.base import GenerativeHead, SweepSetting, resolve_num_blocks
+
+if TYPE_CHECKING:
+    from calm_lightning.models.config import HeadConfig
 
 # Network evaluations per solver step.
 SOLVER_EVALS = {"euler": 1, "midpoint": 2}
+
+
+@dataclass
+class FlowHeadConfig:
+    """Flow-matching head (CALM.md section 3): ``model.head.flow.*``."""
+
+    num_blocks: int = 0  # adaLN residual blocks; 0 = max(1, backbone layers // 4)
+    solver: str = "midpoint"  # euler | midpoint
+    num_steps: int = 4  # solver steps from t=0 to t=1
+    time_scale: float = 1000.0  # t in [0, 1] is multiplied by this before the sinusoidal timestep embedding
+    discrete_time: bool = False  # the net sees floor(t * time_scale), as the reference code (training and sampling)
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -45,8 +60,41 @@ class FlowHead(GenerativeHead):
     t ~ U(0, 1); loss = mean_l ||v(x_t, t, h) - (x1 - x0)||^2, each hidden replicated N = cfg.num_samples
     times with its own x1, x0 and t, averaged over the N. Sampling integrates v from t = 0 to 1 with
     cfg.flow.solver over cfg.flow.num_steps steps. The net sees t * cfg.flow.time_scale (floored with
-    cfg.flow.discrete_time, as the reference code).
+    cfg.flow.discrete_time, as the reference code). `calm compare` sweeps both solvers over its steps.
     """
+
+    config_class = FlowHeadConfig
+    sampling_keys = ("num_steps", "solver")
+    default_sweep_steps = (1, 2, 4, 8, 16)
+
+    @classmethod
+    def validate(cls, cfg: HeadConfig) -> list[str]:
+        f, errs = cfg.flow, []
+        if f.solver not in SOLVER_EVALS:
+            errs.append(f"{cls.key('solver')}: must be euler or midpoint, got {f.solver!r}")
+        if f.num_steps < 1:
+            errs.append(f"{cls.key('num_steps')}: must be >= 1, got {f.num_steps}")
+        return errs
+
+    @classmethod
+    def param_split(
+        cls, cfg: HeadConfig, hidden_size: int, latent_size: int, num_backbone_layers: int
+    ) -> tuple[int, int]:
+        num_blocks = resolve_num_blocks(cfg.flow.num_blocks, num_backbone_layers)
+        return AdaLNMLP.param_split(latent_size, hidden_size, cfg.width or hidden_size, num_blocks, latent_size)
+
+    @classmethod
+    def sample_evals(cls, cfg: HeadConfig) -> int:
+        return cfg.flow.num_steps * SOLVER_EVALS[cfg.flow.solver]
+
+    @classmethod
+    def sampling_sweep(cls, cfg: HeadConfig, steps: Sequence[int] | None = None) -> list[SweepSetting]:
+        """Euler and midpoint at every number of steps."""
+        return [
+            SweepSetting(solver, n, n * evals, (f"{cls.key('solver')}={solver}", f"{cls.key('num_steps')}={n}"))
+            for solver, evals in SOLVER_EVALS.items()
+            for n in (steps or cls.default_sweep_steps)
+        ]
 
     def __init__(self, hidden_size: int, latent_size: int, cfg: HeadConfig, num_backbone_layers: int):
         super().__init__(hidden_size, latent_size, cfg, num_backbone_layers)
@@ -89,7 +137,3 @@ class FlowHead(GenerativeHead):
             lambda x, t: self.velocity(x, t, cond), x0, self.cfg.flow.num_steps, self.cfg.flow.solver
         )
         return x1.view(P, S, self.latent_size)
-
-    @property
-    def evals_per_sample(self) -> int:
-        return self.cfg.flow.num_steps * SOLVER_EVALS[self.cfg.flow.solver]
