@@ -19,16 +19,27 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _head_steps(text: str) -> tuple[str, list[int]]:
+    head, sep, steps = text.partition("=")
+    if not sep or not head.strip():
+        raise argparse.ArgumentTypeError(f"expected HEAD=N,N,..., got {text!r}")
+    return head.strip(), _int_list(steps)
+
+
 def add_arguments(p) -> None:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="runs/<name> (its latest version) or runs/<name>/version_<n>")
     p.add_argument("--out", default="runs/compare", help="output folder (default runs/compare)")
     p.add_argument(
+        "--head-steps", type=_head_steps, action="append", metavar="HEAD=N,N,...",
+        help="sampling steps to sweep for a head (repeat per head; default: each head's own list)",
+    )
+    p.add_argument(
         "--sweep-steps", type=_int_list, metavar="N,N,...",
-        help="flow solver steps to evaluate, Euler and midpoint (default 1,2,4,8,16)",
+        help="the same as --head-steps flow=N,N,... (Euler and midpoint; default 1,2,4,8,16)",
     )
     p.add_argument(
         "--diffusion-steps", type=_int_list, metavar="N,N,...",
-        help="diffusion sampling steps to evaluate (default 10,25,50,100)",
+        help="the same as --head-steps diffusion=N,N,... (default 10,25,50,100)",
     )
     p.add_argument(
         "--limit-batches", type=int, default=0,
@@ -41,14 +52,18 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from calm_lightning.comparison import DEFAULT_DIFFUSION_STEPS, DEFAULT_FLOW_STEPS, compare
+    from calm_lightning.comparison import compare
     from calm_lightning.ui import err_console
 
+    steps = dict(args.head_steps or [])
+    if args.sweep_steps:
+        steps["flow"] = args.sweep_steps
+    if args.diffusion_steps:
+        steps["diffusion"] = args.diffusion_steps
     result = compare(
         args.run_dirs,
         args.out,
-        flow_steps=args.sweep_steps or DEFAULT_FLOW_STEPS,
-        diffusion_steps=args.diffusion_steps or DEFAULT_DIFFUSION_STEPS,
+        sweep_steps=steps,
         limit_batches=args.limit_batches,
         gen_tokens=args.gen_tokens,
         device=args.device,

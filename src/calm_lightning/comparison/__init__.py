@@ -49,12 +49,7 @@ from calm_lightning.errors import CalmError
 from calm_lightning.models.heads import HEADS
 from calm_lightning.utils.io import atomic_write_json, atomic_write_text
 
-# The defaults of cli.py's --sweep-steps / --diffusion-steps: the heads' own ``default_sweep_steps``
-# (kept for the CLI; ``compare`` itself asks every head).
-DEFAULT_FLOW_STEPS = HEADS["flow"].default_sweep_steps
-DEFAULT_DIFFUSION_STEPS = HEADS["diffusion"].default_sweep_steps
-
-__all__ = ["DEFAULT_DIFFUSION_STEPS", "DEFAULT_FLOW_STEPS", "ComparisonResult", "RunRecord", "compare"]
+__all__ = ["ComparisonResult", "RunRecord", "compare"]
 
 
 @dataclass
@@ -75,21 +70,18 @@ def compare(
     gen_tokens: int = 32,
     device: str = "auto",
     progress: Callable[[str], None] | None = None,
-    **head_steps: Sequence[int],
 ) -> ComparisonResult:
     """Read the runs, score them on shared blocks, run the sampling sweep if needed, write the report.
 
     ``sweep_steps``: head name -> the sampling steps to sweep (each head's ``default_sweep_steps``
-    otherwise); ``<head>_steps=...`` keywords (``flow_steps=(1, 2)``) say the same per head.
+    otherwise).
     """
     if not run_dirs:
         raise CalmError("no run directories given")
     sweep_steps = dict(sweep_steps or {})
-    for key, value in head_steps.items():
-        head = key.removesuffix("_steps")
-        if not key.endswith("_steps") or head not in HEADS:
-            raise TypeError(f"compare() got an unexpected keyword argument {key!r}")
-        sweep_steps[head] = value
+    unknown = sorted(set(sweep_steps) - set(HEADS))
+    if unknown:
+        raise CalmError(f"no head named {unknown[0]!r} to sweep; registered heads: {', '.join(sorted(HEADS))}")
     resolved = [resolve_run_dir(p) for p in run_dirs]
     for p in resolved:  # every run checked before any slow work
         comparable_config(p)
