@@ -48,7 +48,7 @@ compare-k: $(STAMP) ## Train an autoencoder and CALM-energy per K in 1,2,4,8 and
 	$(CALM) compare runs/calm_k1 runs/calm_k2 runs/calm_k4 runs/calm_k8 runs/k_ar_baseline --out runs/compare_k
 
 ABLATION_AES := ae_l64 ae_l32 ae_1000
-ABLATIONS := base n4 n16 m16 head_blocks2 head_blocks3 head_width512 lr3e-4 lr2e-3 warmup0 batch32 l64 l32 ae1000
+ABLATIONS := base base_s7 n4 n16 m16 head_blocks2 head_blocks3 head_width512 lr3e-4 lr2e-3 warmup0 batch32 l64 l64_s7 l32 ae1000
 
 ablations: $(STAMP) artifacts/autoencoder.pt ## One-at-a-time CALM ablations on one budget + the baseline, then compare (docs/ablations.md)
 	for ae in $(ABLATION_AES); do $(CALM) train experiments/ablations/$$ae.yaml logging.resume=true $(ARGS) || exit 1; done

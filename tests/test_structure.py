@@ -50,3 +50,8 @@ def test_every_command_module_is_listed_and_declares_its_parser():
         module = importlib.import_module(f"calm_lightning.commands.{name}")
         assert isinstance(module.NAME, str) and module.HELP and callable(module.add_arguments)
         assert callable(module.run) and module.__doc__
+
+
+def test_no_source_file_over_400_lines():
+    long = {str(p.relative_to(SRC)): n for p in SRC.rglob("*.py") if (n := len(p.read_text().splitlines())) > 400}
+    assert not long, f"split these modules: {long}"

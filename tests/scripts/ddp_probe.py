@@ -37,15 +37,14 @@ class SyncProbe(L.Callback):
         out_proj = pl_module.model.head.out_proj.weight
         with torch.no_grad():
             out_proj.copy_(0.3 * torch.randn(out_proj.shape, generator=torch.Generator().manual_seed(0)))
-        compute_loss = pl_module.compute_loss
+        validation_loss = pl_module.validation_loss
 
         def recording(tokens):  # keeps this rank's validation losses before Lightning reduces them
-            loss = compute_loss(tokens)
-            if not pl_module.training:
-                self.local_losses.append(float(loss))
-            return loss
+            loss, shared = validation_loss(tokens)
+            self.local_losses.append(float(loss))
+            return loss, shared
 
-        pl_module.compute_loss = recording
+        pl_module.validation_loss = recording
 
     def on_validation_epoch_end(self, trainer, pl_module):
         # callbacks run before the module's hook, so the metric still holds this rank's own states

@@ -56,7 +56,7 @@ class CommonHeadConfig:
     (``model.head.<name>.*``, the head's own ``config_class``): see ``calm_lightning.models.heads``."""
 
     name: str = "energy"  # registry name of the head (``calm_lightning.models.heads.HEADS``)
-    num_samples: int = 8  # N: head samples per position in training
+    num_samples: int = 8  # N: head samples per position in the training loss; evaluation draws eval.num_samples (S)
     width: int = 0  # hidden width of the head; 0 = backbone d_model
     norm_eps: float = 1e-5  # eps of the head's LayerNorms (energy and adaLN nets; reference: 1e-6)
 
