@@ -1,0 +1,186 @@
+"""Side by side with the reference implementation: the same weights timed on both (issue 18's table).
+
+Not part of the test suite, never vendored: it needs a checkout of the official code and a scratch
+environment with ``transformers==4.43.0`` (see `benchmarks/parity_official.py` for building both):
+
+    PYTHONPATH=src OMP_NUM_THREADS=2 /tmp/refenv/bin/python benchmarks/vs_reference.py \
+        --reference-repo /tmp/calm-ref --threads 2
+
+Run it on a quiet machine (nothing else on the cores). It builds the reference Autoencoder and
+EnergyTransformer at the kit's small configuration (d=256, FFN 640, 4 layers, 4 heads, V=8192, K=4,
+l=128, N=8, M=100; seeded random weights), converts them with `official.convert_official` (so both
+sides compute the same function: `benchmarks/results/parity_official.md`) and times, fp32, min and
+median over ``--repeats`` after warm-up:
+
+- autoencoder forward + backward, 8 x 2048 tokens (both in training mode: masking, dropout, KL);
+- CALM-energy training step (forward + backward), 8 x 512 tokens; the kit twice: its default
+  shared target noise, and i.i.d. target noise as the reference draws it;
+- BrierLM K=4 validation step (loss + two-sample Brier-1..4), 1 x 512 and 8 x 512: the reference's
+  eval-mode forward (which scores inside ``forward``); the kit's CALM validation step (one backbone pass
+  shared by the loss and `estimate_brier` with S = 2, the reference's estimator).
+
+Ratio = reference time / kit time (> 1: the kit is faster). Results are appended to
+``benchmarks/results/vs_reference.md``. Temperature sampling, generation and the flow/diffusion
+heads are not timed here yet (the reference's generation code is a separate script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from calm_lightning.official import convert_official
+
+RESULTS = Path(__file__).resolve().parent / "results" / "vs_reference.md"
+V, K, LATENT = 8192, 4, 128
+AE_SIZES = dict(hidden_size=256, intermediate_size=640, latent_size=LATENT, patch_size=K,
+                num_encoder_layers=2, num_decoder_layers=2)
+CALM_SIZES = dict(hidden_size=256, intermediate_size=640, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=4, num_mlp_layers=1, noise_size=64, num_samples=8,
+                  max_position_embeddings=2048)
+BOS_ID, EOS_ID, PAD_ID = V - 3, V - 2, V - 1
+
+
+def tokenizer_json(path: Path) -> None:
+    """A byte-level tokenizer with exactly V ids, Llama-3-style specials at the end (ids only matter)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab.update({f"w{i}": len(vocab) + i for i in range(V - 3 - 42 - len(vocab))})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.add_special_tokens([f"<|reserved_special_token_{i}|>" for i in range(42)])
+    tok.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>", "[PAD]"])
+    assert tok.get_vocab_size(with_added_tokens=True) == V
+    tok.save(str(path))
+
+
+def timed(fn, repeats: int, warmup: int = 2) -> tuple[float, float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times), statistics.median(times)
+
+
+def build(ref_repo: Path, tmp: Path):
+    sys.path.insert(0, str(ref_repo))
+    from models.configuration_autoencoder import AutoencoderConfig as RefAEConfig
+    from models.configuration_calm import CALMConfig
+    from models.modeling_autoencoder import Autoencoder
+    from models.modeling_energy import EnergyTransformer
+
+    ids_cfg = dict(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, vocab_size=V)
+    ae_dir, calm_dir = tmp / "ae", tmp / "calm"
+    ae_dir.mkdir()
+    tokenizer_json(ae_dir / "tokenizer.json")
+    ref_ae = Autoencoder(RefAEConfig(**AE_SIZES, **ids_cfg))
+    ref_ae.save_pretrained(ae_dir, safe_serialization=False)
+    ref = EnergyTransformer(CALMConfig(ae_path=str(ae_dir), latent_size=LATENT, patch_size=K, **CALM_SIZES, **ids_cfg))
+    with torch.no_grad():  # the head's output layer is zero at init: make its samples differ
+        for p in ref.generative_head.parameters():
+            p.add_(torch.randn(p.shape) * 0.02)
+    ref.save_pretrained(calm_dir, safe_serialization=False)
+    out = convert_official(ae_dir, calm_dir)
+    return ref_ae, ref, out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--reference-repo", type=Path, required=True)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    from calm_lightning.metrics.estimators import estimate_brier
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        ref_ae, ref, out = build(args.reference_repo, Path(tmp))
+    kit_ae = out.autoencoder.__class__(out.autoencoder_config)
+    kit_ae.load_state_dict(out.autoencoder.state_dict())
+    calm = out.calm
+    g = torch.Generator().manual_seed(1)
+
+    ae_ids = torch.randint(0, V - 3, (8, 2048), generator=g)
+    ref_ae.train()
+    kit_ae.train()
+
+    def ref_ae_step():
+        ref_ae.zero_grad(set_to_none=True)
+        ref_ae(input_ids=ae_ids, labels=ae_ids).loss.backward()
+
+    def kit_ae_step():
+        kit_ae.zero_grad(set_to_none=True)
+        kit_ae(ae_ids.view(-1, K)).loss.backward()
+
+    rows.append(("autoencoder fwd+bwd, 8 x 2048", timed(ref_ae_step, args.repeats), timed(kit_ae_step, args.repeats)))
+
+    lm_ids = torch.randint(0, V - 3, (8, 512), generator=g)
+    ref.train()
+    calm.train()
+
+    def ref_lm_step():
+        ref.zero_grad(set_to_none=True)
+        ref(input_ids=lm_ids, labels=lm_ids).loss.backward()
+
+    def kit_lm_step():
+        calm.zero_grad(set_to_none=True)
+        calm.loss(lm_ids).loss.backward()
+
+    ref_t = timed(ref_lm_step, args.repeats)
+    rows.append(("CALM-energy train step, 8 x 512 (kit: shared target noise)", ref_t, timed(kit_lm_step, args.repeats)))
+    calm.head.cfg.energy.shared_target_noise = False
+    rows.append(("CALM-energy train step, 8 x 512 (kit: i.i.d. target noise)", ref_t, timed(kit_lm_step, args.repeats)))
+    calm.head.cfg.energy.shared_target_noise = True
+
+    ref.eval()
+    calm.eval()
+    for batch in (1, 8):
+        ids = lm_ids[:batch]
+
+        def ref_val(ids=ids):
+            with torch.no_grad():
+                ref(input_ids=ids, labels=ids)
+
+        def kit_val(ids=ids):
+            with torch.no_grad():
+                hidden = calm.hidden_states(ids)
+                calm.loss(ids, hidden=hidden)
+                estimate_brier(calm, ids, max_n=4, num_samples=2, hidden=hidden, generator=torch.Generator().manual_seed(0))
+
+        rows.append((f"BrierLM K=4 validation step, {batch} x 512", timed(ref_val, args.repeats), timed(kit_val, args.repeats)))
+
+    import platform
+
+    import transformers
+
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [f"## {stamp}: {platform.processor() or platform.machine()}, {args.threads} thread(s), fp32, "
+             f"torch {torch.__version__}, transformers {transformers.__version__}, min/median of {args.repeats}", "",
+             "| path | reference ms (min / median) | kit ms (min / median) | ratio ref/kit (min) |", "|---|---|---|---|"]
+    for name, (rmin, rmed), (kmin, kmed) in rows:
+        lines.append(f"| {name} | {rmin * 1e3:.1f} / {rmed * 1e3:.1f} | {kmin * 1e3:.1f} / {kmed * 1e3:.1f} | {rmin / kmin:.2f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    header = "" if args.out.exists() else "# The kit against the reference implementation (benchmarks/vs_reference.py)\n\n"
+    with args.out.open("a", encoding="utf-8") as f:
+        f.write(header + text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
