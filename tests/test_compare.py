@@ -269,3 +269,27 @@ def test_chunk_size_experiments_share_data_and_budget():
         assert lm["data"] == baseline["data"] and lm["trainer"] == baseline["trainer"]
         assert lm["optim"] == baseline["optim"] and lm["model"]["backbone"] == baseline["model"]["backbone"]
         assert ae["tokenizer"] == lm["tokenizer"]
+
+
+def test_ablations_vary_one_thing_and_each_run_reads_an_autoencoder_of_its_shape():
+    """Every run of docs/ablations.md reads an autoencoder some ablation YAML exports, with the same K
+    and l; base is the paper's l = 128, and a run differs from base only where its name says."""
+    folder = EXPERIMENTS / "ablations"
+    exports = {}
+    for path in folder.glob("ae_*.yaml"):
+        ae = _resolved(path)
+        exports[ae["logging"]["export_path"]] = ae["model"]["autoencoder"]
+    base = _resolved(folder / "base.yaml")
+    assert base["model"]["autoencoder"]["latent_size"] == 128
+    runs = [p for p in folder.glob("*.yaml") if not p.name.startswith("ae_") and p.name != "budget.yaml"]
+    assert len(runs) >= 14
+    for path in runs:
+        run = _resolved(path)
+        made = exports[run["model"]["autoencoder_path"]]
+        for key in ("chunk_size", "latent_size"):
+            assert run["model"]["autoencoder"][key] == made[key], (path.name, key)
+        changed = {
+            f"{section}.{k}" for section in ("model", "optim", "data", "trainer")
+            for k in set(run[section]) | set(base[section]) if run[section].get(k) != base[section].get(k)
+        }
+        assert len(changed - {"model.autoencoder_path", "model.autoencoder"}) <= 2, (path.name, changed)
