@@ -158,3 +158,14 @@ def test_encode_corpus_file_and_bad_inputs(tiny_ae_run, tiny_corpus, tmp_path, c
     np.save(wrong, np.zeros((3, 2, ae.model.latent_size + 1), dtype=np.float32))
     rc, _, err = run(capsys, "decode", str(tiny_ae_run.export_path), str(wrong))
     assert rc == 2 and "latents of shape" in err and len(err.strip().splitlines()) == 1
+
+
+def test_autoencoder_export_evaluates_and_initialises_a_run(tiny_ae_run, tmp_path, capsys):
+    out = tmp_path / "ae_export"
+    assert main(["export", str(tiny_ae_run.run_dir), "--out", str(out)]) == 0
+    capsys.readouterr()
+    home = _eval_json(capsys, str(tiny_ae_run.checkpoint), "--limit-batches", "1")
+    away = _eval_json(capsys, str(out), "--limit-batches", "1")
+    assert away["kind"] == "autoencoder" and away["metrics"] == home["metrics"]
+    ae = calm_lightning.load_autoencoder(out)
+    assert ae.model.latent_size == calm_lightning.load_autoencoder(tiny_ae_run.export_path).model.latent_size

@@ -142,10 +142,14 @@ class Checkpoint:
     def build_module(self, config: dict[str, Any] | None = None):
         """The LightningModule of the run, its weights loaded from this blob (no second read).
         ``config``: a replacement for the stored config (evaluation overrides); shapes must not change."""
-        hparams = dict(self.hparams)
+        import inspect
+
+        cls = module_class(self.kind)
+        accepted = inspect.signature(cls.__init__).parameters
+        hparams = {k: v for k, v in self.hparams.items() if k in accepted}  # exports record a little more
         if config is not None:
             hparams["config"] = config
-        module = module_class(self.kind)(**hparams)
+        module = cls(**hparams)
         module.load_state_dict(self.blob["state_dict"])
         return module
 
