@@ -169,3 +169,11 @@ def test_autoencoder_export_evaluates_and_initialises_a_run(tiny_ae_run, tmp_pat
     assert away["kind"] == "autoencoder" and away["metrics"] == home["metrics"]
     ae = calm_lightning.load_autoencoder(out)
     assert ae.model.latent_size == calm_lightning.load_autoencoder(tiny_ae_run.export_path).model.latent_size
+
+
+def test_load_autoencoder_takes_a_run_an_export_folder_and_a_calm_export(tiny_ae_run, calm_export):
+    ids_text = "the king is dead"
+    reference = calm_lightning.load_autoencoder(tiny_ae_run.export_path).encode(ids_text)[0][0]
+    from_run = calm_lightning.load_autoencoder(tiny_ae_run.run_dir.parent).encode(ids_text)[0][0]
+    from_calm = calm_lightning.load_autoencoder(calm_export).encode(ids_text)[0][0]  # the CALM's frozen AE
+    assert torch.equal(from_run, reference) and torch.equal(from_calm, reference)
