@@ -411,3 +411,23 @@ def test_import_official_exports_a_folder_that_loads_generates_and_fine_tunes(fo
     tuned = calm_lightning.load(tmp_path / "runs" / "ft", device="cpu").model
     assert torch.equal(tuned.autoencoder.embedding.weight, reference.autoencoder.embedding.weight)  # frozen
     assert not torch.equal(tuned.head.out_proj.weight, reference.head.out_proj.weight)  # one step moved it
+
+
+def test_load_and_sample_take_a_released_folder_directly(folders, tmp_path, monkeypatch, capsys):
+    import calm_lightning
+    from calm_lightning.cli import main
+
+    ae_dir, calm_dir, _ = folders
+    cfg = json.loads((calm_dir / "config.json").read_text())
+    cfg["ae_path"] = "/where/it/was/trained/ae"  # as released: a path on the authors' machine (or a hub id)
+    (calm_dir / "config.json").write_text(json.dumps(cfg))
+    monkeypatch.chdir(tmp_path)  # the conversion is cached under ./.cache/calm/official/
+    lm = calm_lightning.load(calm_dir, device="cpu")  # the sibling folder of that name is used
+    reference = convert_official(ae_dir, calm_dir).calm
+    tokens = torch.randint(0, 256, (1, 4 * K), generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(lm.model.hidden_states(tokens), reference.hidden_states(tokens), rtol=0, atol=0)
+    assert len(list((tmp_path / ".cache" / "calm" / "official").iterdir())) == 1
+    assert main(["sample", str(calm_dir), "--prompt", "ab", "--max-new-tokens", "4", "--device", "cpu"]) == 0
+    assert len(list((tmp_path / ".cache" / "calm" / "official").iterdir())) == 1  # converted once
+    ae = calm_lightning.load_autoencoder(ae_dir)
+    assert ae.model.latent_size == LAT

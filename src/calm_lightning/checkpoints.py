@@ -168,10 +168,12 @@ def module_class(kind: str):
 def read_checkpoint(reference: str | Path) -> Checkpoint:
     """Resolve a run reference and read its checkpoint once (CRC-checked, memory-mapped); an export
     folder (`export.py`) is read as the checkpoint it came from."""
-    from calm_lightning.export import is_export, read_export
+    from calm_lightning.export import import_official_cached, is_export, official_folder, read_export
 
     if is_export(reference):
         return read_export(reference)
+    if official_folder(reference):  # a released reference checkpoint: converted once, then an export
+        return read_export(import_official_cached(reference))
     path = resolve_run_reference(reference)
     ckpt = Checkpoint(path, read_blob(path))
     if "config" not in ckpt.hparams:

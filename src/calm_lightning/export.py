@@ -275,3 +275,52 @@ def _finetune_yaml(out: Path, model_section: dict, kind: str) -> str:
             f"# Fine-tune: calm train {out / 'experiment.yaml'} data.corpus=... logging.name=...\n"
             "# Base: the schema defaults; the model section reproduces the reference architecture.\n")
     return head + yaml.safe_dump(body, sort_keys=False)
+
+
+def official_folder(path: str | Path) -> str | None:
+    """"autoencoder" or "calm" if ``path`` is a reference-implementation checkpoint folder (a Hugging
+    Face config.json naming the reference's architectures), else None."""
+    cfg_path = Path(path) / "config.json"
+    if not Path(path).is_dir() or not cfg_path.is_file():
+        return None
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(cfg, dict) or "format" in cfg:
+        return None
+    arch = cfg.get("architectures") or []
+    if "Autoencoder" in arch:
+        return "autoencoder"
+    if "ae_path" in cfg:
+        return "calm"
+    return None
+
+
+def import_official_cached(folder: str | Path, cache_dir: str | Path = ".cache/calm") -> Path:
+    """An official folder converted once into ``cache_dir/official/<digest>`` (`import_official`),
+    so `load`, `calm sample` and `calm eval` take the released folders directly. A CALM folder finds
+    its autoencoder through its config's ``ae_path`` (as given, or a sibling folder of that name)."""
+    import hashlib
+
+    folder = Path(folder).expanduser()
+    kind = official_folder(folder)
+    digest = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        if f.is_file():
+            digest.update(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
+    ae_dir = folder
+    calm_dir = None
+    if kind == "calm":
+        given = json.loads((folder / "config.json").read_text(encoding="utf-8"))["ae_path"]
+        candidates = [Path(given).expanduser(), folder.parent / Path(given).name]
+        ae_dir = next((c for c in candidates if (c / "config.json").is_file()), None)
+        if ae_dir is None:
+            raise CalmError(f"{folder}: its autoencoder ae_path={given!r} is not found; run "
+                            f"calm import-official AE_DIR --calm {folder} --out DIR")
+        calm_dir = folder
+        digest.update(str(ae_dir.resolve()).encode())
+    out = Path(cache_dir).expanduser() / "official" / digest.hexdigest()[:16]
+    if not is_export(out):
+        import_official(ae_dir, calm_dir, out)
+    return out
