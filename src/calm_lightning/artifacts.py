@@ -125,7 +125,7 @@ def load_autoencoder(
     if is_export(path):
         from calm_lightning.export import load_autoencoder_folder
 
-        return load_autoencoder_folder(path)[0], meta
+        return load_autoencoder_folder(path, verify=False)[0], meta  # _folder_meta verified it
     blob = torch.load(path, map_location="cpu", weights_only=False)
     model = ChunkAutoencoder(AutoencoderConfig(**meta["config"]))
     model.load_state_dict(blob["state_dict"])

@@ -10,6 +10,7 @@ folder (`export.py`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -103,7 +104,7 @@ class Checkpoint:
         max_steps = int(self.config.get("trainer", {}).get("max_steps", -1))
         return budget_status(self.step, max_steps, self.blob.get("callbacks", {}).get(GUARD_STATE_KEY))
 
-    @property
+    @functools.cached_property
     def tokenizer_json(self) -> str | None:
         """The tokenizer.json text the checkpoint carries, if it matches the recorded fingerprint."""
         state = self.blob.get("TokenChunkDataModule") or {}

@@ -71,31 +71,30 @@ def write_export_folder(
     from tokenizers import Tokenizer
 
     from calm_lightning.data.tokenizer import special_ids
-    from calm_lightning.utils.safetensors import save_file
 
     out = Path(out)
+    if out.exists() and not is_export(out) and any(out.iterdir()):  # before any work
+        raise CalmError(f"{out}: exists and is not an export folder; choose another --out")
     ids = special_ids(Tokenizer.from_str(tokenizer_json))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        main = {k: v for k, v in state.items() if not (kind == "calm" and k.startswith(AE_PREFIX))}
-        save_file({k: v.detach().cpu().contiguous() for k, v in main.items()}, tmp / "model.safetensors")
         (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
-        files = ["model.safetensors", "tokenizer.json"]
+        checked = ["tokenizer.json"]
+        main = state
         if kind == "calm":
+            main = {k: v for k, v in state.items() if not k.startswith(AE_PREFIX)}
             ae_state = {k[len(AE_PREFIX):]: v for k, v in state.items() if k.startswith(AE_PREFIX)}
             ae_hparams = {"autoencoder_config": hparams["autoencoder_config"],
                           "tokenizer_fingerprint": hparams.get("tokenizer_fingerprint", "")}
             (tmp / "autoencoder").mkdir()
             _write_one(tmp / "autoencoder", "autoencoder", ae_hparams, ae_state, ids, step=0)
-            files.append("autoencoder/config.json")
+            checked.append("autoencoder/config.json")
         for name, text in (extra_files or {}).items():  # e.g. an experiment YAML to fine-tune from
             (tmp / name).write_text(text, encoding="utf-8")
-        _write_one(tmp, kind, hparams, None, ids, step=step, guard_state=guard_state, extra=extra,
-                   files=files)
+        _write_one(tmp, kind, hparams, main, ids, step=step, guard_state=guard_state, extra=extra,
+                   also_checked=checked)
         if out.exists():
-            if not is_export(out) and any(out.iterdir()):
-                raise CalmError(f"{out}: exists and is not an export folder; choose another --out")
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             out.rename(old)
@@ -109,14 +108,15 @@ def write_export_folder(
 
 
 def _write_one(folder: Path, kind: str, hparams, state, ids, *, step: int, guard_state=None, extra=None,
-               files: list[str] | None = None) -> None:
+               also_checked: list[str] = ()) -> None:
+    """``folder/model.safetensors`` and ``folder/config.json`` (with the sha256 of the weights and of
+    ``also_checked``, files already written there)."""
     import dataclasses
 
     from calm_lightning.utils.safetensors import save_file
 
-    if state is not None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, folder / "model.safetensors")
-        files = ["model.safetensors"]
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, folder / "model.safetensors")
+    files = ["model.safetensors", *also_checked]
     meta = {
         "format": FORMAT,
         "kind": kind,
@@ -124,7 +124,7 @@ def _write_one(folder: Path, kind: str, hparams, state, ids, *, step: int, guard
         "step": step,
         "guard_state": _plain(guard_state),
         "special_ids": dataclasses.asdict(ids) if dataclasses.is_dataclass(ids) else _plain(ids),
-        "sha256": {f: sha256_file(folder / f) for f in files or []},
+        "sha256": {f: sha256_file(folder / f) for f in files},
         **(extra or {}),
     }
     (folder / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -196,17 +196,18 @@ def export_run(reference: str | Path, out: str | Path) -> Path:
     )
 
 
-def load_autoencoder_folder(folder: str | Path):
+def load_autoencoder_folder(folder: str | Path, *, verify: bool = True):
     """(ChunkAutoencoder in eval mode, tokenizer or None) from an export folder: an autoencoder run's
-    export, a CALM export's ``autoencoder/`` or the CALM export itself (its autoencoder)."""
+    export, a CALM export's ``autoencoder/`` or the CALM export itself (its autoencoder).
+    ``verify=False``: the caller has just checked the checksums (`artifacts.load_autoencoder`)."""
     from calm_lightning.models.autoencoder import ChunkAutoencoder
     from calm_lightning.models.config import AutoencoderConfig
     from calm_lightning.utils.safetensors import load_file
 
     folder = Path(folder)
-    meta = read_export_meta(folder)
+    meta = read_export_meta(folder, verify=verify)
     if meta["kind"] == "calm":
-        folder, meta = folder / "autoencoder", read_export_meta(folder / "autoencoder")
+        folder, meta = folder / "autoencoder", read_export_meta(folder / "autoencoder", verify=verify)
     if meta["kind"] != "autoencoder":
         raise CalmError(f"{folder}: a {meta['kind']} export has no autoencoder")
     model = ChunkAutoencoder(AutoencoderConfig(**meta["hparams"]["autoencoder_config"]))
