@@ -114,6 +114,7 @@ def reference_generate(model, prompts, cfg: GenerationConfig, generator) -> list
         ("calm", 1.0, "batch"),
         ("calm", 0.5, "batch"),
         ("calm", 0.5, "exact"),
+        ("calm", 0.5, "auto"),
     ],
 )
 def test_kv_cache_equals_recomputation(kind, temperature, sampler):

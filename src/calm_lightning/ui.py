@@ -106,8 +106,9 @@ def print_sample_header(loaded, gcfg) -> None:
     what = f"{loaded.kind} checkpoint step {loaded.step:,}" + (f", K={loaded.chunk_size}" if loaded.kind == "calm" else "")
     how = f"T={gcfg.temperature:g}"
     if loaded.kind == "calm" and gcfg.temperature < 1:
-        how += f", {gcfg.sampler} sampler" + (f" N={gcfg.num_candidates}" if gcfg.sampler == "batch"
-                                               else f" max_draws={gcfg.max_draws}")
+        how += f", {gcfg.sampler} sampler" + {"batch": f" N={gcfg.num_candidates}",
+                                              "exact": f" max_draws={gcfg.max_draws}"}.get(
+            gcfg.sampler, f" N={gcfg.num_candidates} max_draws={gcfg.max_draws}")
     from rich.text import Text
 
     err_console.print(Text(f"{what} ({loaded.checkpoint}), {how}, {gcfg.max_new_tokens} new tokens, {loaded.device}",
@@ -164,9 +165,7 @@ def print_samples(result, stream: SampleStream | None = None) -> None:
             console.print(Rule(f"sample {i} of {len(result.prompts)}", style="dim"))
             stream_text(prompt, prompt=True)
             stream_text(cont + "\n")
-    fallbacks = {}
-    for step in result.stats:
-        fallbacks[step.get("sampler")] = fallbacks.get(step.get("sampler"), 0) + step.get("fallbacks", 0)
+    fallbacks = {kind: sum(step.get(f"{kind}_fallbacks", 0) for step in result.stats) for kind in ("exact", "batch")}
     if fallbacks.get("exact"):
         err_console.print(f"note: the exact sampler reached --max-draws on {fallbacks['exact']} chunk(s) and returned "
                           "a fallback there (a sample at a higher temperature)", style="yellow", soft_wrap=True,

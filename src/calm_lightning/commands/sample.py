@@ -8,6 +8,8 @@ HELP = "continue text prompts with a CALM/baseline checkpoint (streamed)"
 
 
 def add_arguments(p) -> None:
+    from calm_lightning.config.schema import SAMPLERS
+
     p.add_argument("checkpoint", help="a .ckpt, runs/<name>/version_<n>, runs/<name> or an export folder")
     p.add_argument(
         "--prompt", action="append", metavar="TEXT",
@@ -15,7 +17,8 @@ def add_arguments(p) -> None:
     )
     p.add_argument("--temperature", type=float, default=0.5, metavar="T", help="T in (0, 1] (default 0.5)")
     p.add_argument(
-        "--sampler", choices=("exact", "batch"), default="batch", help="CALM temperature sampler (default batch)"
+        "--sampler", choices=SAMPLERS, default="batch",
+        help="CALM temperature sampler: exact, batch, or auto (per chunk the cheaper by a pilot; default batch)"
     )
     p.add_argument(
         "--num-candidates", type=int, default=200, metavar="N", help="N of the batch sampler, >= 1/T (default 200)"

@@ -20,7 +20,7 @@ PRECISION_ALIASES = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "6
 def canonical_precision(precision: str) -> str:
     """``trainer.precision`` with Lightning's aliases (32, 16, bf16, 64) spelled out."""
     return PRECISION_ALIASES.get(str(precision), str(precision))
-SAMPLERS = ("exact", "batch")
+SAMPLERS = ("exact", "batch", "auto")  # sampling/temperature.py SAMPLERS (model-free copy; a test keeps them equal)
 
 
 @dataclass
@@ -122,8 +122,8 @@ class EvalConfig:
 class SamplingConfig:
     prompts: list[str] = field(default_factory=lambda: ["ROMEO.", "To be, or not to be", "The king"])
     temperatures: list[float] = field(default_factory=lambda: [1.0, 0.5])
-    sampler: str = "batch"  # exact | batch
-    num_candidates: int = 200  # N of the batch sampler
+    sampler: str = "batch"  # exact | batch | auto (per context, the cheaper of the two: sampling/auto.py)
+    num_candidates: int = 200  # N of the batch sampler (and of auto's batch side)
     max_draws: int = 4096  # cap on draws per context for the exact sampler
     max_new_tokens: int = 48
     every_n_validations: int = 1  # log samples every this many validation runs
@@ -168,6 +168,8 @@ def validate(cfg: ExperimentConfig) -> list[str]:
     errs += _check(ae.beta >= 0, "model.autoencoder.beta", f"must be >= 0, got {ae.beta}")
     errs += _check(ae.kl_clip_reduction in ("chunk", "batch"), "model.autoencoder.kl_clip_reduction",
                    f"must be chunk or batch, got {ae.kl_clip_reduction!r}")
+    errs += _check(ae.argmax_screen in ("auto", "bf16", "fp32"), "model.autoencoder.argmax_screen",
+                   f"must be auto, bf16 or fp32, got {ae.argmax_screen!r}")
     for key, p in (("latent_dropout", ae.latent_dropout), ("token_mask_prob", ae.token_mask_prob)):
         errs += _check(0.0 <= p < 1.0, f"model.autoencoder.{key}", f"must be in [0, 1), got {p}")
     if K >= 1:
@@ -214,8 +216,8 @@ def validate(cfg: ExperimentConfig) -> list[str]:
     s = cfg.sampling
     for i, temp in enumerate(s.temperatures):
         errs += _check(0.0 < temp <= 1.0, f"sampling.temperatures[{i}]", f"must be in (0, 1], got {temp}")
-    errs += _check(s.sampler in SAMPLERS, "sampling.sampler", f"must be exact or batch, got {s.sampler!r}")
-    if s.sampler == "batch" and s.temperatures:
+    errs += _check(s.sampler in SAMPLERS, "sampling.sampler", f"must be one of {', '.join(SAMPLERS)}, got {s.sampler!r}")
+    if s.sampler in ("batch", "auto") and s.temperatures:
         need = max(1.0 / temp for temp in s.temperatures if temp > 0) if any(temp > 0 for temp in s.temperatures) else 1
         errs += _check(s.num_candidates >= need, "sampling.num_candidates",
                        f"must be >= 1/T = {need:g} for the lowest temperature, got {s.num_candidates}")

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from calm_lightning.errors import CalmError
 from calm_lightning.models.calm import CALM
 from calm_lightning.models.token_lm import TokenLM
+from calm_lightning.sampling.auto import AutoSampleInfo
 from calm_lightning.sampling.exact import ExactSampleStats
 from calm_lightning.sampling.temperature import (
     SAMPLERS,
@@ -51,8 +52,8 @@ StepCallback = Callable[[list[list[int]]], None]
 class GenerationConfig:
     max_new_tokens: int = 64  # tokens to add per prompt (at most)
     temperature: float = 1.0  # in (0, 1]
-    sampler: str = "batch"  # CALM only: exact | batch
-    num_candidates: int = 200  # CALM batch sampler: N, at least 1/T
+    sampler: str = "batch"  # CALM only: exact | batch | auto (per context, the cheaper: sampling/auto.py)
+    num_candidates: int = 200  # CALM batch sampler (also auto's batch side): N, at least 1/T
     max_draws: int = 4096  # CALM exact sampler: cap on draws per context and step
     eos_id: int | None = None  # stop a row after it emits this token; None = never
 
@@ -65,9 +66,9 @@ class GenerationConfig:
             raise CalmError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.max_draws < 1:
             raise CalmError(f"max_draws must be >= 1, got {self.max_draws}")
-        if self.sampler == "batch" and self.num_candidates < s:
+        if self.sampler in ("batch", "auto") and self.num_candidates < s:
             raise CalmError(
-                f"num_candidates must be >= 1/T = {s:g} for the batch sampler at T={self.temperature:g}, "
+                f"num_candidates must be >= 1/T = {s:g} for the {self.sampler} sampler at T={self.temperature:g}, "
                 f"got {self.num_candidates}"
             )
 
@@ -158,19 +159,32 @@ def _sample_next_chunks(
     return chunks, _summarise(info)
 
 
-def _summarise(info: ExactSampleStats | BatchSampleInfo | None) -> dict:
+def _summarise(info: ExactSampleStats | BatchSampleInfo | AutoSampleInfo | None) -> dict:
+    """Per-step sampler statistics: ``decodes`` (head samples decoded, every sampler), fallbacks per sampler."""
     if isinstance(info, ExactSampleStats):
         return {
             "sampler": "exact",
+            "decodes": info.draws_made,
             "draws": int(info.draws.sum()),
             "max_draws": int(info.draws.max()),
-            "fallbacks": info.num_fallbacks,
+            "exact_fallbacks": info.num_fallbacks,
         }
     if isinstance(info, BatchSampleInfo):
         return {
             "sampler": "batch",
-            "fallbacks": int(info.fell_back.sum()),
+            "decodes": int(info.index.numel()) * int(info.num_candidates),
+            "batch_fallbacks": int(info.fell_back.sum()),
             "mean_distinct": float(info.num_distinct.double().mean()),
+        }
+    if isinstance(info, AutoSampleInfo):
+        exact, batch = info.exact_stats, info.batch_info
+        return {
+            "sampler": "auto",
+            "decodes": info.draws_made,
+            "exact_contexts": int(info.exact.sum()),
+            "batch_contexts": int((~info.exact).sum()),
+            "exact_fallbacks": exact.num_fallbacks if exact is not None else 0,
+            "batch_fallbacks": int(batch.fell_back.sum()) if batch is not None else 0,
         }
     return {}
 

@@ -12,6 +12,8 @@ Two samplers:
 - ``batch_temperature_sample``: the paper's batch approximation from N candidates per context,
   extended here to non-integer s by generalised binomial weights C(c, s) (design and reasons in
   its docstring). Fixed cost, biased for finite N, consistent as N -> infinity.
+- ``auto_temperature_sample`` (`sampling/auto.py`): per context, whichever of the two a small pilot
+  of draws predicts cheaper (exact on peaked distributions, batch on flat ones).
 
 ``temperature_sample`` is the single entry point used by generation.
 
@@ -33,11 +35,12 @@ import torch
 from calm_lightning.errors import CalmError
 
 if TYPE_CHECKING:
+    from calm_lightning.sampling.auto import AutoSampleInfo
     from calm_lightning.sampling.exact import ExactSampleStats
 
 DrawFn = Callable[[torch.Tensor, int], torch.Tensor]
 
-SAMPLERS = ("exact", "batch")
+SAMPLERS = ("exact", "batch", "auto")
 
 # 1/T closer than this (relative) to an integer is snapped to it, so that T = 1/3 really is n = 3, a = 0.
 _INTEGER_SNAP = 1e-9
@@ -171,6 +174,7 @@ class BatchSampleInfo:
     fell_back: level < 1/T (no chunk was repeated floor(1/T) times).
     index: chosen candidate (an occurrence of the chosen chunk).
     max_count, num_distinct: largest repeat count and number of distinct chunks among the N candidates.
+    num_candidates: N.
     """
 
     level: torch.Tensor
@@ -178,6 +182,7 @@ class BatchSampleInfo:
     index: torch.Tensor
     max_count: torch.Tensor
     num_distinct: torch.Tensor
+    num_candidates: int = 0
 
 
 # Largest (N + 1)^2 for which the weight table w(M, c) is cached (float64: 32 MiB); above, per call.
@@ -304,7 +309,7 @@ def batch_temperature_sample(
     index = perm.gather(-1, torch.searchsorted(run, chosen))  # [C, 1] an occurrence (first sorted slot)
     k = candidates.shape[-1]
     chunks = candidates.gather(1, index.unsqueeze(-1).expand(-1, -1, k))[:, 0]  # [C, K]
-    info = BatchSampleInfo(level, level < s, index[:, 0], max_count, run[:, -1] + 1)
+    info = BatchSampleInfo(level, level < s, index[:, 0], max_count, run[:, -1] + 1, candidates.shape[1])
     return chunks, info
 
 
@@ -325,16 +330,18 @@ def temperature_sample(
     max_draws: int = 100_000,
     generator: torch.Generator | None = None,
     index_device: torch.device | str | None = None,
-) -> tuple[torch.Tensor, ExactSampleStats | BatchSampleInfo | None]:
-    """Sample one chunk per context from P^(1/T) / Z_T with either sampler.
+) -> tuple[torch.Tensor, ExactSampleStats | BatchSampleInfo | AutoSampleInfo | None]:
+    """Sample one chunk per context from P^(1/T) / Z_T with one of the samplers.
 
     draw_fn(context_index [C'], num) -> [C', num, K]. ``sampler="exact"`` uses
     ``exact_temperature_sample`` (``block_size``, ``max_block_size``, ``max_draws``); ``"batch"`` draws
-    ``num_candidates`` (N) per context and uses ``batch_temperature_sample``. T = 1 is one plain
-    draw per context for both (info is then None). Context indices live on ``index_device`` (default
-    CPU). Returns chunks [C, K] and the sampler's info.
+    ``num_candidates`` (N) per context and uses ``batch_temperature_sample``; ``"auto"`` chooses per
+    context (``auto_temperature_sample``: exact where a pilot predicts fewer draws than N). T = 1 is one
+    plain draw per context for all (info is then None). Context indices live on ``index_device``
+    (default CPU). Returns chunks [C, K] and the sampler's info.
     """
-    from calm_lightning.sampling.exact import exact_temperature_sample  # it builds on this module
+    from calm_lightning.sampling.auto import auto_temperature_sample  # both build on this module
+    from calm_lightning.sampling.exact import exact_temperature_sample
 
     s, _, _ = inverse_temperature(temperature)
     if sampler not in SAMPLERS:
@@ -355,5 +362,15 @@ def temperature_sample(
         )
     if num_candidates < 1:
         raise CalmError(f"num_candidates must be >= 1, got {num_candidates}")
+    if sampler == "auto":
+        return auto_temperature_sample(
+            draw_fn,
+            num_contexts,
+            temperature,
+            num_candidates=num_candidates,
+            max_draws=max_draws,
+            generator=generator,
+            index_device=index_device,
+        )
     candidates = draw_fn(contexts, num_candidates)  # [C, N, K]
     return batch_temperature_sample(candidates, temperature, generator=generator)

@@ -1,0 +1,149 @@
+"""Per-context choice between the exact and the batch temperature sampler, by predicted cost.
+
+The exact sampler (`sampling/exact.py`) costs a random number of draws whose mean is
+E = (n + 1{a>0} sum_x P(x)^(s-1)) / sum_x P(x)^s (``expected_exact_draws``): about 2 / sum_x P(x)^2
+at T = 1/2, so 20 draws on a peaked next-chunk distribution (collision rate 0.1) and thousands on a
+flat one. The batch sampler always costs N. Every draw is a head sample decoded by the autoencoder,
+so draws are the cost that matters.
+
+``auto_temperature_sample`` takes a *pilot* of m fresh draws per context, estimates E from it, and
+sends each context to whichever sampler is predicted cheaper:
+
+- sum_x P(x)^s is estimated by sum over distinct pilot chunks of C(c, s) / C(m, s) (c = its count
+  among the m pilot draws, C the generalised binomial of the batch sampler), the U-statistic of
+  "s draws all equal" for integer s (unbiased) and nearly unbiased otherwise; sum_x P(x)^(s-1)
+  likewise. No repeated pilot chunk means an estimate of 0 and an infinite E: batch.
+- a context goes to the exact sampler when ``EXACT_OVERHEAD`` * E <= N; the factor covers the draws the
+  vectorised exact sampler makes and discards past each event (block draws) and its extra rounds.
+- both samplers then draw *fresh* samples: the pilot only decides. Reusing the pilot's draws would
+  make the chosen sampler's input depend on the choice (a selection bias); fresh draws keep each
+  sampler's output distribution exactly what it is alone (exact: P^(1/T) / Z_T up to its cap;
+  batch: its documented approximation). The pilot costs m draws (m / N of the batch cost).
+
+So ``auto`` is never far above batch's cost (pilot) and far below it when the distribution is
+peaked, and wherever it chooses exact its samples are exact rather than approximate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from calm_lightning.sampling.exact import ExactSampleStats, exact_temperature_sample
+from calm_lightning.sampling.temperature import (
+    BatchSampleInfo,
+    DrawFn,
+    _sorted_runs,
+    batch_temperature_sample,
+    inverse_temperature,
+)
+
+# Draws made by the exact sampler per draw it consumes, plus its per-round overhead, as a multiple of
+# its expected consumed draws; measured on trained CALM heads (benchmarks/results/sampling_auto.md).
+EXACT_OVERHEAD = 2.0
+DEFAULT_PILOT = 16
+
+
+def _log_binomial(count: torch.Tensor, s: float) -> torch.Tensor:
+    """log C(c, s) = lgamma(c+1) - lgamma(c-s+1) - lgamma(s+1); -inf where c < floor(s) (C = 0 there).
+
+    count: float64 tensor of non-negative integer counts. For integer s this is log binom(c, s).
+    """
+    shifted = count - s + 1
+    safe = shifted.clamp_min(1e-300)
+    log_c = torch.lgamma(count + 1) - torch.lgamma(safe) - math.lgamma(s + 1)
+    return log_c.masked_fill(count < math.floor(s), float("-inf"))
+
+
+def estimate_power_sum(pilot: torch.Tensor, s: float) -> torch.Tensor:
+    """Estimate sum_x P(x)^s per context from m i.i.d. draws. pilot: [C, m, K] -> float64 [C].
+
+    sum over distinct chunks of C(c, s) / C(m, s); needs m >= s (else every estimate is 0).
+    """
+    _, _, size = _sorted_runs(pilot, stable=False)  # [C, m] run lengths, 0 = unused run id
+    m = pilot.shape[1]
+    if m < s:
+        return torch.zeros(pilot.shape[0], dtype=torch.float64, device=pilot.device)
+    counts = size.to(torch.float64)
+    terms = (_log_binomial(counts, s) - _log_binomial(torch.tensor(float(m), dtype=torch.float64), s)).exp()
+    return terms.masked_fill(size == 0, 0.0).sum(-1)
+
+
+def estimate_exact_draws(pilot: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Pilot estimate of the exact sampler's expected draws per context. pilot: [C, m, K] -> float64 [C]
+    (inf where no pilot chunk repeated floor(1/T) times, i.e. the estimated sum P^s is 0)."""
+    s, n, a = inverse_temperature(temperature)
+    z = estimate_power_sum(pilot, s)
+    extra = estimate_power_sum(pilot, s - 1) if a > 0 else torch.zeros_like(z)
+    return torch.where(z > 0, (n + extra) / z.clamp_min(1e-300), torch.full_like(z, float("inf")))
+
+
+@dataclass
+class AutoSampleInfo:
+    """What ``auto_temperature_sample`` did per call.
+
+    exact: [C] bool, the context went to the exact sampler (else to the batch sampler).
+    estimated_draws: [C] float64, the pilot's estimate of the exact sampler's expected draws.
+    pilot: draws per context spent deciding (m).
+    exact_stats: ``ExactSampleStats`` over the exact contexts (in their order), or None.
+    batch_info: ``BatchSampleInfo`` over the batch contexts, or None.
+    draws_made: every draw requested from ``draw_fn`` (pilot included).
+    """
+
+    exact: torch.Tensor
+    estimated_draws: torch.Tensor
+    pilot: int
+    exact_stats: ExactSampleStats | None
+    batch_info: BatchSampleInfo | None
+    draws_made: int
+
+
+def auto_temperature_sample(
+    draw_fn: DrawFn,
+    num_contexts: int,
+    temperature: float,
+    *,
+    num_candidates: int = 200,
+    pilot: int = DEFAULT_PILOT,
+    max_draws: int = 100_000,
+    generator: torch.Generator | None = None,
+    index_device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, AutoSampleInfo]:
+    """One chunk per context from P^(1/T), each context by the sampler predicted cheaper (module docstring).
+
+    draw_fn(context_index [C'], num) -> [C', num, K]; ``num_candidates`` is the batch sampler's N and the
+    cost the exact sampler must beat; ``pilot`` (m) draws per context decide; ``max_draws`` caps the exact
+    sampler as in ``exact_temperature_sample``. Returns chunks [C, K] and ``AutoSampleInfo``.
+    """
+    s, _, _ = inverse_temperature(temperature)
+    pilot = max(int(pilot), math.ceil(s))  # fewer than s draws cannot show s equal ones
+    contexts = torch.arange(num_contexts, device=index_device)
+    sample = draw_fn(contexts, pilot)  # [C, m, K]
+    estimated = estimate_exact_draws(sample, temperature)  # [C]
+    use_exact = EXACT_OVERHEAD * estimated <= num_candidates  # [C] on the draws' device
+    chunks = sample.new_zeros(num_contexts, sample.shape[-1])
+    draws_made = sample.shape[0] * sample.shape[1]
+    exact_stats = batch_info = None
+
+    exact_idx = use_exact.nonzero().squeeze(-1)
+    if exact_idx.numel():
+        sub = exact_idx.to(contexts.device)
+        got, exact_stats = exact_temperature_sample(
+            lambda idx, num: draw_fn(sub[idx], num),
+            exact_idx.numel(),
+            temperature,
+            max_draws=max_draws,
+            generator=generator,
+            index_device=index_device,
+        )
+        chunks[exact_idx] = got
+        draws_made += exact_stats.draws_made
+    batch_idx = (~use_exact).nonzero().squeeze(-1)
+    if batch_idx.numel():
+        candidates = draw_fn(batch_idx.to(contexts.device), num_candidates)  # [C_b, N, K]
+        got, batch_info = batch_temperature_sample(candidates, temperature, generator=generator)
+        chunks[batch_idx] = got
+        draws_made += candidates.shape[0] * candidates.shape[1]
+    return chunks, AutoSampleInfo(use_exact, estimated, pilot, exact_stats, batch_info, draws_made)
