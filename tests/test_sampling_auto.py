@@ -7,13 +7,13 @@ import math
 
 import pytest
 import torch
-from test_temperature import ALPHA, ToyChunkSampler, chi_square_pvalue, tempered
 
 from calm_lightning.config.schema import SAMPLERS as CONFIG_SAMPLERS
 from calm_lightning.sampling import auto
 from calm_lightning.sampling.auto import auto_temperature_sample, estimate_exact_draws, estimate_power_sum
 from calm_lightning.sampling.exact import expected_exact_draws
 from calm_lightning.sampling.temperature import SAMPLERS, temperature_sample
+from test_temperature import ALPHA, ToyChunkSampler, chi_square_pvalue, tempered
 
 
 def chunks_of(ids: list[list[int]]) -> torch.Tensor:
