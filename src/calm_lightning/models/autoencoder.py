@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from calm_lightning.models.argmax import projection_argmax
 from calm_lightning.models.config import AutoencoderConfig
 from calm_lightning.models.layers import ResidualSwiGLUBlock, RMSNorm
 
@@ -168,19 +169,24 @@ class ChunkAutoencoder(nn.Module):
             return mu, log_sigma
         return mu, log_sigma.clamp(LOG_SIGMA_MIN, LOG_SIGMA_MAX)
 
-    def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
-        """Token logits of each latent. z: [..., l] -> [..., K, V] (in the compute dtype)."""
+    def decode_states(self, z: torch.Tensor) -> torch.Tensor:
+        """Normalised token states before the output matrix. z: [..., l] -> [..., K, d]."""
         h = self.dec_in(z)  # [..., d]
         for block in self.dec_chunk_blocks:
             h = block(h)
         h = self.dec_expand(h).unflatten(-1, (self.chunk_size, -1))  # [..., K*d] -> [..., K, d]
         for block in self.dec_token_blocks:
             h = block(h)
-        return F.linear(self.dec_norm(h), self.embedding.weight)  # [..., K, V], tied output matrix
+        return self.dec_norm(h)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Greedy reconstruction. z: [..., l] -> tokens [..., K] (argmax)."""
-        return self.decode_logits(z).argmax(dim=-1)
+    def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """Token logits of each latent. z: [..., l] -> [..., K, V] (in the compute dtype)."""
+        return F.linear(self.decode_states(z), self.embedding.weight)  # tied output matrix
+
+    def decode(self, z: torch.Tensor, stats: dict | None = None) -> torch.Tensor:
+        """Greedy reconstruction. z: [..., l] -> tokens [..., K], the argmax of ``decode_logits`` (the same
+        tokens, computed with the bf16 screen of ``models/argmax.py`` where ``cfg.argmax_screen`` selects it)."""
+        return projection_argmax(self.decode_states(z), self.embedding.weight, self.cfg.argmax_screen, stats)
 
     # ------------------------------------------------------------------ training objective
     def mask_tokens(self, tokens: torch.Tensor) -> torch.Tensor:

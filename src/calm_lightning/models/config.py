@@ -30,6 +30,9 @@ class AutoencoderConfig:
     norm_eps: float = 1e-6
     linear_bias: bool = False  # biases in enc_compress, dec_in, dec_expand (reference code: true)
     log_sigma_clamp: bool = True  # clamp log sigma to [LOG_SIGMA_MIN, LOG_SIGMA_MAX] in encode (reference: false, unbounded)
+    # greedy decoding's argmax: auto (bf16 screen where the CPU has native bf16) | bf16 | fp32 (reference);
+    # every setting gives the fp32 argmax's tokens (models/argmax.py)
+    argmax_screen: str = "auto"
 
 
 @dataclass

@@ -1,0 +1,85 @@
+"""Argmax of a vocabulary projection, argmax_v <h, w_v>, without the full fp32 logits where that is cheaper.
+
+Every head sample CALM generates or scores is decoded greedily by the autoencoder: at T < 1 a
+generation step decodes C x N candidates x K positions x V logits (16 x 200 x 4 x 8192 is ~27 G
+multiply-adds), which dominates sampling. Only the argmax is needed, so:
+
+``screen="bf16"``: project in bf16 (native bf16 matmul is ~4x the fp32 peak on AVX512_BF16/AMX CPUs)
+in row tiles, and keep the bf16 top-1 wherever it provably is the fp32 argmax; recompute in fp32
+only the rows where it might not be. The proof is a bound on the bf16 scores' error. With
+u = 2^-8 (bf16's unit round-off) and g = d 2^-24 (fp32 accumulation over d terms), for every row h
+and vocabulary vector w_v, both the bf16 score A_v and the fp32 score F_v are within
+c * sum_i |h_i w_vi| <= c * ||h|| ||w_v|| of the exact dot product, c = 3u + 4u^2 + 3g (rounding of h
+and w_v: 2u + u^2; fp32 accumulation in the bf16 GEMM and in the fp32 reference: 2g (1 + u)^2; the
+bf16 output: u (1 + 2u + u^2)(1 + g)). So if the bf16 top-1 beats the bf16 runner-up by more than
+2 c ||h|| max_v ||w_v|| (plus a tiny absolute slack for flushed denormals), every other fp32 score is
+strictly below its fp32 score: the same token as the full fp32 argmax, and ties included (an exact
+tie has margin 0 and is recomputed, where fp32 takes the first index). Rows are recomputed with the
+same fp32 projection, so the result equals ``F.linear(h, w).argmax(-1)`` row by row.
+
+``screen="fp32"``: the plain fp32 projection + argmax (the reference code's decoding).
+``screen="auto"``: bf16 on CPUs with native bf16 (``cpu_has_fast_bf16``), fp32 elsewhere: emulated
+bf16 is slower than fp32, and on CUDA cuBLAS may reduce bf16 products in reduced precision (its
+default), which the bound does not cover. Under an active autocast the projection already runs in
+low precision; then the plain path runs (autocast's choice, as before).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from calm_lightning.utils.hardware import cpu_has_fast_bf16
+
+SCREENS = ("auto", "bf16", "fp32")
+_U = 2.0**-8
+_ROW_TILE = 4096  # rows per bf16 tile: 4096 x V=8192 bf16 logits is 64 MiB
+_ABS_SLACK = 1e-30  # products flushed to zero by FTZ/DAZ (each < 2^-126) summed over d <= 2^16
+
+
+def error_coefficient(d: int) -> float:
+    """c of the module docstring: |bf16 score - exact| and |fp32 score - exact| <= c ||h|| ||w_v||."""
+    g = d * 2.0**-24
+    return 3 * _U + 4 * _U**2 + 3 * g
+
+
+def resolve_screen(screen: str, device: torch.device) -> str:
+    if screen not in SCREENS:
+        raise ValueError(f"argmax screen must be one of {', '.join(SCREENS)}, got {screen!r}")
+    if screen != "auto":
+        return screen
+    return "bf16" if device.type == "cpu" and cpu_has_fast_bf16() else "fp32"
+
+
+def projection_argmax(
+    h: torch.Tensor, weight: torch.Tensor, screen: str = "auto", stats: dict | None = None
+) -> torch.Tensor:
+    """argmax_v <h, weight_v> per row, equal to ``F.linear(h, weight).argmax(-1)`` (module docstring).
+
+    h: [..., d]; weight: [V, d]. Returns LongTensor [...]. ``stats`` (optional) receives ``rows`` and
+    ``rechecked`` (rows recomputed in fp32) when the bf16 screen ran.
+    """
+    mode = resolve_screen(screen, h.device)
+    if (mode == "fp32" or torch.is_autocast_enabled(h.device.type) or h.dtype != torch.float32
+            or weight.shape[0] < 2):
+        return F.linear(h, weight).argmax(-1)
+    lead, d = h.shape[:-1], h.shape[-1]
+    flat = h.reshape(-1, d)
+    weight_bf16 = weight.detach().to(torch.bfloat16)
+    bound = 2 * error_coefficient(d) * float(weight.detach().norm(dim=-1).max())  # per unit ||h||
+    out = torch.empty(flat.shape[0], dtype=torch.long, device=h.device)
+    unsure = []
+    for start in range(0, flat.shape[0], _ROW_TILE):
+        rows = flat[start : start + _ROW_TILE]
+        top = F.linear(rows.to(torch.bfloat16), weight_bf16).topk(2, dim=-1)  # [R, 2] values, indices
+        margin = (top.values[:, 0].float() - top.values[:, 1].float())
+        safe = margin > bound * rows.norm(dim=-1) + _ABS_SLACK  # NaN margins are not safe
+        out[start : start + rows.shape[0]] = top.indices[:, 0]
+        unsure.append((~safe).nonzero().squeeze(-1) + start)
+    recheck = torch.cat(unsure)
+    if recheck.numel():
+        out[recheck] = F.linear(flat[recheck], weight).argmax(-1)
+    if stats is not None:
+        stats["rows"] = stats.get("rows", 0) + flat.shape[0]
+        stats["rechecked"] = stats.get("rechecked", 0) + int(recheck.numel())
+    return out.reshape(lead)
