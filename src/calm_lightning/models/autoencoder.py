@@ -169,15 +169,27 @@ class ChunkAutoencoder(nn.Module):
             return mu, log_sigma
         return mu, log_sigma.clamp(LOG_SIGMA_MIN, LOG_SIGMA_MAX)
 
-    def decode_states(self, z: torch.Tensor) -> torch.Tensor:
-        """Normalised token states before the output matrix. z: [..., l] -> [..., K, d]."""
+    def decode_trunk(self, z: torch.Tensor) -> torch.Tensor:
+        """The chunk-level part of the decoder. z: [..., l] -> token states [..., K, d] before the
+        per-token blocks (which act on each position alone: ``decode_position``)."""
         h = self.dec_in(z)  # [..., d]
         for block in self.dec_chunk_blocks:
             h = block(h)
-        h = self.dec_expand(h).unflatten(-1, (self.chunk_size, -1))  # [..., K*d] -> [..., K, d]
+        return self.dec_expand(h).unflatten(-1, (self.chunk_size, -1))  # [..., K*d] -> [..., K, d]
+
+    def token_states(self, h: torch.Tensor) -> torch.Tensor:
+        """Per-token blocks + final norm. h: [..., d] trunk states (any positions) -> [..., d]."""
         for block in self.dec_token_blocks:
             h = block(h)
         return self.dec_norm(h)
+
+    def decode_states(self, z: torch.Tensor) -> torch.Tensor:
+        """Normalised token states before the output matrix. z: [..., l] -> [..., K, d]."""
+        return self.token_states(self.decode_trunk(z))
+
+    def decode_position(self, h: torch.Tensor, stats: dict | None = None) -> torch.Tensor:
+        """Greedy tokens of trunk states at any positions. h: [..., d] (from ``decode_trunk``) -> [...]."""
+        return projection_argmax(self.token_states(h), self.embedding.weight, self.cfg.argmax_screen, stats)
 
     def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
         """Token logits of each latent. z: [..., l] -> [..., K, V] (in the compute dtype)."""

@@ -134,3 +134,12 @@ class CALM(nn.Module):
         """Sample next chunks: head latents decoded greedily by the AE. hidden: [P, D] -> tokens [P, S, K]."""
         z = self.head.sample(hidden, num_samples=num_samples, generator=generator)  # [P, S, l]
         return self.autoencoder.decode(z.to(self.autoencoder.embedding.weight.dtype))  # [P, S, K]
+
+    @torch.no_grad()
+    def sample_trunks(
+        self, hidden: torch.Tensor, num_samples: int = 1, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Head samples through the AE decoder's chunk-level trunk only, for decoding positions on demand
+        (``autoencoder.decode_position``). hidden: [P, D] -> trunk states [P, S, K, d]."""
+        z = self.head.sample(hidden, num_samples=num_samples, generator=generator)  # [P, S, l]
+        return self.autoencoder.decode_trunk(z.to(self.autoencoder.embedding.weight.dtype))

@@ -32,9 +32,11 @@ from dataclasses import dataclass
 import torch
 
 from calm_lightning.sampling.exact import ExactSampleStats, exact_temperature_sample
+from calm_lightning.sampling.lazy import lazy_batch_temperature_sample
 from calm_lightning.sampling.temperature import (
     BatchSampleInfo,
     DrawFn,
+    LazyDrawFn,
     _sorted_runs,
     batch_temperature_sample,
     inverse_temperature,
@@ -110,12 +112,14 @@ def auto_temperature_sample(
     max_draws: int = 100_000,
     generator: torch.Generator | None = None,
     index_device: torch.device | str | None = None,
+    lazy_draw_fn: LazyDrawFn | None = None,
 ) -> tuple[torch.Tensor, AutoSampleInfo]:
     """One chunk per context from P^(1/T), each context by the sampler predicted cheaper (module docstring).
 
     draw_fn(context_index [C'], num) -> [C', num, K]; ``num_candidates`` is the batch sampler's N and the
     cost the exact sampler must beat; ``pilot`` (m) draws per context decide; ``max_draws`` caps the exact
-    sampler as in ``exact_temperature_sample``. Returns chunks [C, K] and ``AutoSampleInfo``.
+    sampler as in ``exact_temperature_sample``; ``lazy_draw_fn`` as in ``temperature_sample`` (the batch
+    side then decodes lazily). Returns chunks [C, K] and ``AutoSampleInfo``.
     """
     s, _, _ = inverse_temperature(temperature)
     pilot = max(int(pilot), math.ceil(s))  # fewer than s draws cannot show s equal ones
@@ -142,8 +146,13 @@ def auto_temperature_sample(
         draws_made += exact_stats.draws_made
     batch_idx = (~use_exact).nonzero().squeeze(-1)
     if batch_idx.numel():
-        candidates = draw_fn(batch_idx.to(contexts.device), num_candidates)  # [C_b, N, K]
-        got, batch_info = batch_temperature_sample(candidates, temperature, generator=generator)
+        if lazy_draw_fn is not None:
+            got, batch_info = lazy_batch_temperature_sample(
+                lazy_draw_fn(batch_idx.to(contexts.device), num_candidates), temperature, generator
+            )
+        else:
+            candidates = draw_fn(batch_idx.to(contexts.device), num_candidates)  # [C_b, N, K]
+            got, batch_info = batch_temperature_sample(candidates, temperature, generator=generator)
         chunks[batch_idx] = got
-        draws_made += candidates.shape[0] * candidates.shape[1]
+        draws_made += batch_idx.numel() * num_candidates
     return chunks, AutoSampleInfo(use_exact, estimated, pilot, exact_stats, batch_info, draws_made)

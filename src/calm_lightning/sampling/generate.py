@@ -38,6 +38,7 @@ from calm_lightning.models.calm import CALM
 from calm_lightning.models.token_lm import TokenLM
 from calm_lightning.sampling.auto import AutoSampleInfo
 from calm_lightning.sampling.exact import ExactSampleStats
+from calm_lightning.sampling.lazy import LazyChunks
 from calm_lightning.sampling.temperature import (
     SAMPLERS,
     BatchSampleInfo,
@@ -146,6 +147,10 @@ def _sample_next_chunks(
     def draw(context: torch.Tensor, num: int) -> torch.Tensor:  # [C'] -> [C', num, K]
         return model.sample_chunks(hidden.index_select(0, context), num_samples=num, generator=generator)
 
+    def lazy_draw(context: torch.Tensor, num: int) -> LazyChunks:  # the same draws, decoded on demand
+        trunk = model.sample_trunks(hidden.index_select(0, context), num_samples=num, generator=generator)
+        return LazyChunks(trunk, model.autoencoder.decode_position)
+
     chunks, info = temperature_sample(
         draw,
         hidden.shape[0],
@@ -155,16 +160,18 @@ def _sample_next_chunks(
         max_draws=cfg.max_draws,
         generator=generator,
         index_device=hidden.device,
+        lazy_draw_fn=lazy_draw,
     )
     return chunks, _summarise(info)
 
 
 def _summarise(info: ExactSampleStats | BatchSampleInfo | AutoSampleInfo | None) -> dict:
-    """Per-step sampler statistics: ``decodes`` (head samples decoded, every sampler), fallbacks per sampler."""
+    """Per-step sampler statistics: ``draws_made`` (head samples drawn, every sampler), fallbacks per sampler
+    kind, and ``positions_decoded`` where the batch sampler decoded lazily."""
     if isinstance(info, ExactSampleStats):
         return {
             "sampler": "exact",
-            "decodes": info.draws_made,
+            "draws_made": info.draws_made,
             "draws": int(info.draws.sum()),
             "max_draws": int(info.draws.max()),
             "exact_fallbacks": info.num_fallbacks,
@@ -172,15 +179,15 @@ def _summarise(info: ExactSampleStats | BatchSampleInfo | AutoSampleInfo | None)
     if isinstance(info, BatchSampleInfo):
         return {
             "sampler": "batch",
-            "decodes": int(info.index.numel()) * int(info.num_candidates),
+            "draws_made": int(info.index.numel()) * int(info.num_candidates),
             "batch_fallbacks": int(info.fell_back.sum()),
             "mean_distinct": float(info.num_distinct.double().mean()),
-        }
+        } | ({} if info.positions_decoded is None else {"positions_decoded": info.positions_decoded})
     if isinstance(info, AutoSampleInfo):
         exact, batch = info.exact_stats, info.batch_info
         return {
             "sampler": "auto",
-            "decodes": info.draws_made,
+            "draws_made": info.draws_made,
             "exact_contexts": int(info.exact.sum()),
             "batch_contexts": int((~info.exact).sum()),
             "exact_fallbacks": exact.num_fallbacks if exact is not None else 0,

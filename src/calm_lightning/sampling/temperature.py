@@ -36,9 +36,11 @@ from calm_lightning.errors import CalmError
 
 if TYPE_CHECKING:
     from calm_lightning.sampling.auto import AutoSampleInfo
+    from calm_lightning.sampling.lazy import LazyChunks
     from calm_lightning.sampling.exact import ExactSampleStats
 
 DrawFn = Callable[[torch.Tensor, int], torch.Tensor]
+LazyDrawFn = Callable[[torch.Tensor, int], "LazyChunks"]  # the same draws, undecoded (sampling/lazy.py)
 
 SAMPLERS = ("exact", "batch", "auto")
 
@@ -175,6 +177,8 @@ class BatchSampleInfo:
     index: chosen candidate (an occurrence of the chosen chunk).
     max_count, num_distinct: largest repeat count and number of distinct chunks among the N candidates.
     num_candidates: N.
+    positions_decoded: chunk positions the autoencoder decoded (lazy decoding, `sampling/lazy.py`;
+        N K when every candidate is decoded fully), or None where not counted.
     """
 
     level: torch.Tensor
@@ -183,6 +187,7 @@ class BatchSampleInfo:
     max_count: torch.Tensor
     num_distinct: torch.Tensor
     num_candidates: int = 0
+    positions_decoded: int | None = None
 
 
 # Largest (N + 1)^2 for which the weight table w(M, c) is cached (float64: 32 MiB); above, per call.
@@ -330,6 +335,7 @@ def temperature_sample(
     max_draws: int = 100_000,
     generator: torch.Generator | None = None,
     index_device: torch.device | str | None = None,
+    lazy_draw_fn: LazyDrawFn | None = None,
 ) -> tuple[torch.Tensor, ExactSampleStats | BatchSampleInfo | AutoSampleInfo | None]:
     """Sample one chunk per context from P^(1/T) / Z_T with one of the samplers.
 
@@ -338,8 +344,11 @@ def temperature_sample(
     ``num_candidates`` (N) per context and uses ``batch_temperature_sample``; ``"auto"`` chooses per
     context (``auto_temperature_sample``: exact where a pilot predicts fewer draws than N). T = 1 is one
     plain draw per context for all (info is then None). Context indices live on ``index_device``
-    (default CPU). Returns chunks [C, K] and the sampler's info.
+    (default CPU). ``lazy_draw_fn(context_index, num) -> LazyChunks`` (optional) gives the same draws
+    undecoded: the batch sampler then decodes only the positions that tell candidates apart
+    (``sampling/lazy.py``; same chunks for the same generator). Returns chunks [C, K] and the sampler's info.
     """
+    from calm_lightning.sampling.lazy import lazy_batch_temperature_sample
     from calm_lightning.sampling.auto import auto_temperature_sample  # both build on this module
     from calm_lightning.sampling.exact import exact_temperature_sample
 
@@ -371,6 +380,9 @@ def temperature_sample(
             max_draws=max_draws,
             generator=generator,
             index_device=index_device,
+            lazy_draw_fn=lazy_draw_fn,
         )
+    if lazy_draw_fn is not None:
+        return lazy_batch_temperature_sample(lazy_draw_fn(contexts, num_candidates), temperature, generator)
     candidates = draw_fn(contexts, num_candidates)  # [C, N, K]
     return batch_temperature_sample(candidates, temperature, generator=generator)
