@@ -121,3 +121,18 @@ def test_autoencoder_decode_uses_the_screen_and_keeps_its_tokens():
         tokens = screened_ae.decode(z, stats)
         assert torch.equal(tokens, fp32_ae.decode(z)) and torch.equal(tokens, fp32_ae.decode_logits(z).argmax(-1))
     assert stats["rows"] == 40 * 50 * 4
+
+
+def test_screen_gives_up_after_a_losing_probe(monkeypatch):
+    """Near-flat logits: the probe tile needs fp32 almost everywhere, so every later row goes to fp32
+    directly (counted as re-checked: all 2488 after the 512-row probe), with the same tokens."""
+    g = torch.Generator().manual_seed(6)
+    weight = torch.randn(4096, 64, generator=g) * 0.02
+    h = torch.randn(3000, 64, generator=g)
+    stats = {}
+    assert torch.equal(projection_argmax(h, weight, "bf16", stats), F.linear(h, weight).argmax(-1))
+    assert 3000 - argmax_module._PROBE_ROWS < stats["rechecked"] < 3000
+    monkeypatch.setattr(argmax_module, "_MAX_RECHECK", 1.0)  # never give up: only the unsure rows
+    stats = {}
+    projection_argmax(h, weight, "bf16", stats)
+    assert stats["rechecked"] < 3000 - argmax_module._PROBE_ROWS

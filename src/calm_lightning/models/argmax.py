@@ -17,6 +17,10 @@ strictly below its fp32 score: the same token as the full fp32 argmax, and ties 
 tie has margin 0 and is recomputed, where fp32 takes the first index). Rows are recomputed with the
 same fp32 projection, so the result equals ``F.linear(h, w).argmax(-1)`` row by row.
 
+The screen pays only where margins are wide (trained decoders); on near-flat logits (random weights)
+most rows need the fp32 pass. So the first ``_PROBE_ROWS`` rows are screened as a probe, and if more
+than ``_MAX_RECHECK`` of them needed fp32, the remaining rows skip the screen (same tokens either way).
+
 ``screen="fp32"``: the plain fp32 projection + argmax (the reference code's decoding).
 ``screen="auto"``: bf16 on CPUs with native bf16 (``cpu_has_fast_bf16``), fp32 elsewhere: emulated
 bf16 is slower than fp32, and on CUDA cuBLAS may reduce bf16 products in reduced precision (its
@@ -34,6 +38,8 @@ from calm_lightning.utils.hardware import cpu_has_fast_bf16
 SCREENS = ("auto", "bf16", "fp32")
 _U = 2.0**-8
 _ROW_TILE = 4096  # rows per bf16 tile: 4096 x V=8192 bf16 logits is 64 MiB
+_PROBE_ROWS = 512  # the first tile: if more than _MAX_RECHECK of it needs fp32, the rest goes straight to fp32
+_MAX_RECHECK = 0.25  # bf16 pass ~0.65x the fp32 one here, so past ~30% re-checked rows the screen loses
 _ABS_SLACK = 1e-30  # products flushed to zero by FTZ/DAZ (each < 2^-126) summed over d <= 2^16
 
 
@@ -69,13 +75,19 @@ def projection_argmax(
     bound = 2 * error_coefficient(d) * float(weight.detach().norm(dim=-1).max())  # per unit ||h||
     out = torch.empty(flat.shape[0], dtype=torch.long, device=h.device)
     unsure = []
-    for start in range(0, flat.shape[0], _ROW_TILE):
-        rows = flat[start : start + _ROW_TILE]
+    start, tile = 0, _PROBE_ROWS
+    while start < flat.shape[0]:
+        rows = flat[start : start + tile]
         top = F.linear(rows.to(torch.bfloat16), weight_bf16).topk(2, dim=-1)  # [R, 2] values, indices
         margin = (top.values[:, 0].float() - top.values[:, 1].float())
         safe = margin > bound * rows.norm(dim=-1) + _ABS_SLACK  # NaN margins are not safe
         out[start : start + rows.shape[0]] = top.indices[:, 0]
         unsure.append((~safe).nonzero().squeeze(-1) + start)
+        start += rows.shape[0]
+        if start == rows.shape[0] and unsure[0].numel() > _MAX_RECHECK * rows.shape[0]:  # the probe lost
+            unsure.append(torch.arange(start, flat.shape[0], device=h.device))
+            break
+        tile = _ROW_TILE
     recheck = torch.cat(unsure)
     if recheck.numel():
         out[recheck] = F.linear(flat[recheck], weight).argmax(-1)
