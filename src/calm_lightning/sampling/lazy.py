@@ -22,7 +22,12 @@ from __future__ import annotations
 
 import torch
 
-from calm_lightning.sampling.temperature import BatchSampleInfo, _run_weights, _sorted_runs, inverse_temperature
+from calm_lightning.sampling.temperature import (
+    BatchSampleInfo,
+    _run_weights,
+    _sorted_runs,
+    inverse_temperature,
+)
 
 
 class LazyChunks:

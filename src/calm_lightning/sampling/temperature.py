@@ -36,8 +36,8 @@ from calm_lightning.errors import CalmError
 
 if TYPE_CHECKING:
     from calm_lightning.sampling.auto import AutoSampleInfo
-    from calm_lightning.sampling.lazy import LazyChunks
     from calm_lightning.sampling.exact import ExactSampleStats
+    from calm_lightning.sampling.lazy import LazyChunks
 
 DrawFn = Callable[[torch.Tensor, int], torch.Tensor]
 LazyDrawFn = Callable[[torch.Tensor, int], "LazyChunks"]  # the same draws, undecoded (sampling/lazy.py)
@@ -348,9 +348,9 @@ def temperature_sample(
     undecoded: the batch sampler then decodes only the positions that tell candidates apart
     (``sampling/lazy.py``; same chunks for the same generator). Returns chunks [C, K] and the sampler's info.
     """
-    from calm_lightning.sampling.lazy import lazy_batch_temperature_sample
     from calm_lightning.sampling.auto import auto_temperature_sample  # both build on this module
     from calm_lightning.sampling.exact import exact_temperature_sample
+    from calm_lightning.sampling.lazy import lazy_batch_temperature_sample
 
     s, _, _ = inverse_temperature(temperature)
     if sampler not in SAMPLERS:
