@@ -19,9 +19,19 @@ median over ``--repeats`` after warm-up:
   eval-mode forward (which scores inside ``forward``); the kit's CALM validation step (one backbone pass
   shared by the loss and `estimate_brier` with S = 2, the reference's estimator).
 
+- temperature sampling, 16 contexts x 200 candidates at T = 1/2 and 1/3: the reference's
+  ``temperature_sampling`` against the kit's batch sampler (same N, same rule) and its ``auto`` sampler
+  (exact where a pilot predicts it cheaper: ``sampling/auto.py``); a check that both decoders give the
+  same tokens for the same 3200 latents (the kit's bf16-screened argmax included);
+- generation, batch 4 x 32-token prompts, +64 tokens at T = 0.5 (N = 200) and T = 1 (end-of-text
+  disabled on both sides so both generate every token);
+- flow and diffusion heads (reference ``FlowTransformer`` / ``DiffusionTransformer`` against kit CALMs
+  with the same backbone, autoencoder and head sizes: one adaLN block of width 256, N = 8; their
+  weights differ, the work does not): training step 8 x 512, and sampling 16 x 200 latents with 10
+  midpoint steps (flow) and 100 ancestral steps (diffusion).
+
 Ratio = reference time / kit time (> 1: the kit is faster). Results are appended to
-``benchmarks/results/vs_reference.md``. Temperature sampling, generation and the flow/diffusion
-heads are not timed here yet (the reference's generation code is a separate script).
+``benchmarks/results/vs_reference.md``.
 """
 
 from __future__ import annotations
@@ -62,8 +72,11 @@ def tokenizer_json(path: Path) -> None:
     tok.save(str(path))
 
 
-def timed(fn, repeats: int, warmup: int = 2) -> tuple[float, float]:
-    for _ in range(warmup):
+WARMUP = 2
+
+
+def timed(fn, repeats: int, warmup: int | None = None) -> tuple[float, float]:
+    for _ in range(WARMUP if warmup is None else warmup):
         fn()
     times = []
     for _ in range(repeats):
@@ -95,13 +108,122 @@ def build(ref_repo: Path, tmp: Path):
     return ref_ae, ref, out
 
 
+def build_other_heads(ref_repo: Path, tmp: Path, calm, kit_ae):
+    """Reference flow and diffusion CALMs and kit CALMs of the same sizes (random weights each)."""
+    from models.configuration_calm import CALMConfig
+    from models.modeling_diffusion import DiffusionTransformer
+    from models.modeling_flow import FlowTransformer
+
+    from calm_lightning.models.calm import CALM
+    from calm_lightning.models.config import HeadConfig
+    from calm_lightning.models.heads.diffusion import DiffusionHeadConfig
+    from calm_lightning.models.heads.flow import FlowHeadConfig
+
+    ids_cfg = dict(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, vocab_size=V)
+    cfg = CALMConfig(ae_path=str(tmp / "ae"), latent_size=LATENT, patch_size=K, **CALM_SIZES, **ids_cfg)
+    pairs = {}
+    for name, ref_cls, head in (
+        ("flow", FlowTransformer, HeadConfig(name="flow", num_samples=CALM_SIZES["num_samples"],
+                                             flow=FlowHeadConfig(num_blocks=1, solver="midpoint", num_steps=10))),
+        ("diffusion", DiffusionTransformer, HeadConfig(name="diffusion", num_samples=CALM_SIZES["num_samples"],
+                                                       diffusion=DiffusionHeadConfig(num_blocks=1, num_steps=100))),
+    ):
+        kit = CALM(calm.backbone.cfg, head, kit_ae)
+        ref = ref_cls(cfg)
+        ref.num_samples = CALM_SIZES["num_samples"]  # its forward reads self.num_samples, which __init__ never sets
+        pairs[name] = (ref, kit)
+    return pairs
+
+
+def sampling_rows(ref, calm, kit_ae, hidden, repeats: int) -> tuple[list, str]:
+    """Temperature sampling rows and the decoders' token agreement on the same latents."""
+    from calm_lightning.sampling.temperature import temperature_sample
+
+    rows = []
+    with torch.no_grad():
+        z = calm.head.sample(hidden, num_samples=200, generator=torch.Generator().manual_seed(2))  # [16, 200, l]
+        ref_tokens = ref.ae_model.decoder(z).argmax(-1).reshape(16, 200, K)
+        stats = {}
+        kit_tokens = kit_ae.decode(z, stats)
+    same = int((ref_tokens == kit_tokens).all(-1).sum())
+    check = (f"decoded tokens for the same 3200 latents: {same} of 3200 chunks identical "
+             f"(kit screen {kit_ae.cfg.argmax_screen}: {stats.get('rechecked', 0)} of {stats.get('rows', 0)} "
+             "positions re-checked in fp32)")
+
+    def draw(idx, num):
+        return calm.sample_chunks(hidden.index_select(0, idx), num_samples=num)
+
+    for temperature, label in ((0.5, "1/2"), (1 / 3, "1/3")):
+        ref_t = timed(lambda t=temperature: ref.temperature_sampling(hidden, temperature=t, num_samples=200), repeats)
+        for sampler in ("batch", "auto"):
+            kit_t = timed(lambda t=temperature, s=sampler: temperature_sample(draw, 16, t, s, num_candidates=200), repeats)
+            rows.append((f"temperature sampling 16 x 200, T = {label} (kit: {sampler})", ref_t, kit_t))
+    return rows, check
+
+
+def generation_rows(ref, calm, repeats: int, g) -> list:
+    from calm_lightning.sampling.generate import GenerationConfig, generate
+
+    prompts = torch.randint(0, V - 3, (4, 32), generator=g)
+    ref.eos_token_id = -1  # never stop early: both sides generate all 64 tokens
+    rows = []
+    for temperature, samplers in ((0.5, ("batch", "auto")), (1.0, ("batch",))):
+        ref_t = timed(lambda t=temperature: ref.generate(prompts, max_length=32 + 64, temperature=t), repeats)
+        for sampler in samplers:
+            cfg = GenerationConfig(max_new_tokens=64, temperature=temperature, sampler=sampler, num_candidates=200)
+            kit_t = timed(lambda c=cfg: generate(calm, prompts.tolist(), c, fill_id=EOS_ID), repeats)
+            label = f"T = {temperature:g}" + (f" (kit: {sampler})" if temperature < 1 else "")
+            rows.append((f"generation, batch 4, +64 tokens, {label}", ref_t, kit_t))
+    return rows
+
+
+def head_rows(pairs, lm_ids, hidden, repeats: int) -> list:
+    rows = []
+    repeated = hidden.unsqueeze(1).repeat(1, 200, 1)  # [16, 200, D], the reference's input
+    for name, (ref, kit) in pairs.items():
+        ref.train()
+        kit.train()
+
+        def ref_step(ref=ref):
+            ref.zero_grad(set_to_none=True)
+            ref(input_ids=lm_ids, labels=lm_ids).loss.backward()
+
+        def kit_step(kit=kit):
+            kit.zero_grad(set_to_none=True)
+            kit.loss(lm_ids).loss.backward()
+
+        rows.append((f"{name}-head train step, 8 x 512", timed(ref_step, repeats), timed(kit_step, repeats)))
+        ref.eval()
+        kit.eval()
+        steps = "10 midpoint steps" if name == "flow" else "100 ancestral steps"
+
+        def ref_sample(ref=ref, repeated=repeated):
+            cuda = torch.Tensor.cuda  # the reference's diffusion sampler calls .cuda() on its noise: a CPU no-op here
+            torch.Tensor.cuda = lambda self, *a, **k: self
+            try:
+                with torch.no_grad():
+                    ref.generative_head.sample(repeated)
+            finally:
+                torch.Tensor.cuda = cuda
+
+        def kit_sample(kit=kit):
+            with torch.no_grad():
+                kit.head.sample(hidden, num_samples=200)
+
+        rows.append((f"{name} sampling 16 x 200 latents, {steps}", timed(ref_sample, repeats), timed(kit_sample, repeats)))
+    return rows
+
+
 def main() -> int:
+    global WARMUP
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reference-repo", type=Path, required=True)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls before each timing (default 2)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
+    WARMUP = args.warmup
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     from calm_lightning.metrics.estimators import estimate_brier
@@ -109,9 +231,10 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         ref_ae, ref, out = build(args.reference_repo, Path(tmp))
-    kit_ae = out.autoencoder.__class__(out.autoencoder_config)
-    kit_ae.load_state_dict(out.autoencoder.state_dict())
-    calm = out.calm
+        kit_ae = out.autoencoder.__class__(out.autoencoder_config)
+        kit_ae.load_state_dict(out.autoencoder.state_dict())
+        calm = out.calm
+        pairs = build_other_heads(args.reference_repo, Path(tmp), calm, out.calm.autoencoder)
     g = torch.Generator().manual_seed(1)
 
     ae_ids = torch.randint(0, V - 3, (8, 2048), generator=g)
@@ -163,6 +286,13 @@ def main() -> int:
 
         rows.append((f"BrierLM K=4 validation step, {batch} x 512", timed(ref_val, args.repeats), timed(kit_val, args.repeats)))
 
+    with torch.no_grad():
+        hidden = calm.hidden_states(lm_ids[:1])[0, :16]  # [16, D] real backbone states as contexts
+    more, check = sampling_rows(ref, calm, kit_ae, hidden, args.repeats)
+    rows += more
+    rows += generation_rows(ref, calm, args.repeats, g)
+    rows += head_rows(pairs, lm_ids, hidden, args.repeats)
+
     import platform
 
     import transformers
@@ -173,7 +303,7 @@ def main() -> int:
              "| path | reference ms (min / median) | kit ms (min / median) | ratio ref/kit (min) |", "|---|---|---|---|"]
     for name, (rmin, rmed), (kmin, kmed) in rows:
         lines.append(f"| {name} | {rmin * 1e3:.1f} / {rmed * 1e3:.1f} | {kmin * 1e3:.1f} / {kmed * 1e3:.1f} | {rmin / kmin:.2f} |")
-    text = "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n\n" + check + "\n"
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     header = "" if args.out.exists() else "# The kit against the reference implementation (benchmarks/vs_reference.py)\n\n"
