@@ -6,7 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from calm_lightning.sampling.lazy import LazyChunks, lazy_batch_temperature_sample, lazy_chunk_counts
+from calm_lightning.sampling.lazy import (
+    LazyChunks,
+    lazy_batch_temperature_sample,
+    lazy_chunk_counts,
+    lazy_prefix_tokens,
+)
 from calm_lightning.sampling.temperature import batch_temperature_sample, unique_counts
 
 
@@ -55,3 +60,41 @@ def test_lazy_batch_sampler_picks_what_the_full_one_picks(temperature):
     assert lazy_info.positions_decoded < 500 * 40 * 3
     # the chosen index is a candidate of the chosen chunk
     assert torch.equal(tokens[torch.arange(500), lazy_info.index], lazy)
+
+
+def prefix_indicators(samples: torch.Tensor, targets: torch.Tensor, max_n: int):
+    """1{x_s[:n] = y[:n]} [C, S, max_n] and 1{x_s[:n] = x_t[:n]} [C, S, S, max_n] by brute force."""
+    hit = (samples[..., :max_n] == targets[:, None, :max_n]).int().cumprod(-1)
+    pair = (samples[:, :, None, :max_n] == samples[:, None, :, :max_n]).int().cumprod(-1)
+    return hit, pair
+
+
+@pytest.mark.parametrize("vocab, max_n, S", [(2, 4, 2), (3, 4, 8), (3, 2, 5), (40, 3, 16)])
+def test_lazy_prefix_tokens_keep_every_brier_indicator(vocab, max_n, S):
+    g = torch.Generator().manual_seed(vocab * 10 + S)
+    samples = torch.randint(0, vocab, (400, S, 4), generator=g)
+    targets = torch.randint(0, vocab, (400, 4), generator=g)
+    samples[:100, 0] = targets[:100]  # some samples equal the target, some pairs equal each other
+    samples[100:200, 1] = samples[100:200, 0]
+    lazy = fake_lazy(samples)
+    out = lazy_prefix_tokens(lazy, targets, max_n)
+    for got, want in zip(prefix_indicators(out, targets, max_n), prefix_indicators(samples, targets, max_n)):
+        assert torch.equal(got, want)
+    assert lazy.decoded <= 400 * S * max_n
+    if vocab >= 10:  # most samples are told apart by their first token: far fewer positions decoded
+        assert lazy.decoded < 0.6 * 400 * S * max_n
+
+
+@pytest.mark.parametrize("max_n, S", [(4, 2), (2, 8)])
+def test_calm_brier_sums_equal_with_lazy_decoding(max_n, S):
+    """calm_rollout_estimate (K >= max_n: lazy decode) against the full-decode draw, same seed."""
+    from calm_lightning.metrics.estimators import _calm_draw, calm_rollout_estimate
+    from test_generate import tiny_calm
+
+    model = tiny_calm().eval()
+    V = model.autoencoder.cfg.vocab_size
+    tokens = torch.randint(0, V, (3, 8 * model.chunk_size), generator=torch.Generator().manual_seed(0))
+    lazy = calm_rollout_estimate(model, tokens, max_n, torch.Generator().manual_seed(4), num_samples=S)
+    full_draw = _calm_draw(model, torch.Generator().manual_seed(4), S)
+    full = calm_rollout_estimate(model, tokens, max_n, draw=full_draw, num_samples=S)
+    assert torch.equal(lazy[0], full[0]) and torch.equal(lazy[1], full[1])

@@ -189,6 +189,23 @@ def _calm_draw(model, generator: torch.Generator | None, num_samples: int = 2) -
     return draw
 
 
+def _lazy_calm_draw(model, tokens: Tensor, max_n: int, generator, num_samples: int) -> DrawFn:
+    """The teacher-forced draw of ``_calm_draw`` (same head samples), decoding only the positions the
+    estimator can use (``lazy_prefix_tokens``: the same sums as a full decode). K >= max_n only."""
+    from calm_lightning.sampling.lazy import LazyChunks, lazy_prefix_tokens
+
+    K = model.chunk_size
+
+    def draw(hidden, r):
+        B, N, D = hidden.shape  # N = L - 1 start positions; start j's target is chunk j + 1
+        trunk = model.sample_trunks(hidden.reshape(B * N, D), num_samples, generator=generator)  # [B N, S, K, d]
+        targets = tokens[:, K : K * (N + 1)].reshape(B * N, K)
+        chunks = LazyChunks(trunk, model.autoencoder.decode_position)
+        return lazy_prefix_tokens(chunks, targets, max_n).view(B, N, num_samples, K)
+
+    return draw
+
+
 def _check_calm_tokens(model, tokens: Tensor) -> int:
     K = model.chunk_size
     if tokens.shape[1] % K:
@@ -239,7 +256,10 @@ def calm_rollout_estimate(
             units.reshape(B, n * K), positions=positions, kv_cache=kv_cache, attn_mask=mask
         )
 
-    if draw is None:
+    if draw is None and num_steps == 1 and hasattr(model, "sample_trunks"):
+        draw = _lazy_calm_draw(model, tokens, max_n, generator, num_samples)
+        draw_one = None  # no rollout steps
+    elif draw is None:
         draw, draw_one = _calm_draw(model, generator, num_samples), _calm_draw(model, generator, 1)
     else:
         given = draw

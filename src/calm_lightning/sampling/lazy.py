@@ -99,3 +99,38 @@ def lazy_batch_temperature_sample(
     out = chunks.chunks(rows)  # [C, K]
     info = BatchSampleInfo(level, level < s, index, max_count, (size > 0).sum(-1), chunks.N, chunks.decoded)
     return out, info
+
+
+def lazy_prefix_tokens(chunks: LazyChunks, targets: torch.Tensor, num_positions: int) -> torch.Tensor:
+    """Candidates' tokens as far as the Brier estimators can tell them apart from the target and from
+    each other (the U-statistic compares only n-token prefixes, n <= ``num_positions``).
+
+    chunks: S samples per context (``C``, ``N`` = S); targets: [C, >= num_positions] true tokens.
+    Position k of a sample is decoded only while its prefix 0..k-1 equals the target's or another
+    sample's; after that no n-gram of it can match anything, and its remaining positions hold a
+    sentinel -(3 + s) (distinct per sample s, below every real token and the estimators' pad values
+    -1 / -2). Every indicator 1{x_s[:n] = y[:n]}, 1{x_s[:n] = x_t[:n]} is then what a full decode
+    gives. Returns [C, S, K].
+    """
+    C, S, K = chunks.C, chunks.N, chunks.K
+    device = chunks.tokens.device
+    sentinel = -(3 + torch.arange(S, device=device))
+    out = sentinel.view(1, S, 1).expand(C, S, K).clone()
+    group = torch.zeros(C, S, dtype=torch.long, device=device)
+    size = torch.zeros(C, S, dtype=torch.long, device=device)
+    size[:, 0] = S
+    on_target = torch.ones(C, S, dtype=torch.bool, device=device)
+    for k in range(min(num_positions, K)):
+        alive = on_target | (size.gather(-1, group) >= 2)  # [C, S] prefix still shared with something
+        if not bool(alive.any()):
+            break
+        flat = alive.flatten().nonzero().squeeze(-1)
+        token = torch.zeros(C * S, dtype=torch.long, device=device)
+        decoded = chunks.position(k, flat)
+        out.view(C * S, K)[flat, k] = decoded
+        token[flat] = decoded + 1
+        on_target = out[:, :, k] == targets[:, k : k + 1]
+        key = group * (int(token.max()) + 1) + token.view(C, S)
+        perm, run, size = _sorted_runs(key.unsqueeze(-1), stable=False)
+        group = torch.empty_like(run).scatter_(-1, perm, run)
+    return out
