@@ -137,6 +137,7 @@ def build_other_heads(ref_repo: Path, tmp: Path, calm, kit_ae):
 
 def sampling_rows(ref, calm, kit_ae, hidden, repeats: int) -> tuple[list, str]:
     """Temperature sampling rows and the decoders' token agreement on the same latents."""
+    from calm_lightning.sampling.lazy import LazyChunks
     from calm_lightning.sampling.temperature import temperature_sample
 
     rows = []
@@ -153,10 +154,14 @@ def sampling_rows(ref, calm, kit_ae, hidden, repeats: int) -> tuple[list, str]:
     def draw(idx, num):
         return calm.sample_chunks(hidden.index_select(0, idx), num_samples=num)
 
+    def lazy_draw(idx, num):  # what generation passes: candidates decoded on demand (sampling/lazy.py)
+        return LazyChunks(calm.sample_trunks(hidden.index_select(0, idx), num_samples=num), calm.autoencoder.decode_position)
+
     for temperature, label in ((0.5, "1/2"), (1 / 3, "1/3")):
         ref_t = timed(lambda t=temperature: ref.temperature_sampling(hidden, temperature=t, num_samples=200), repeats)
         for sampler in ("batch", "auto"):
-            kit_t = timed(lambda t=temperature, s=sampler: temperature_sample(draw, 16, t, s, num_candidates=200), repeats)
+            kit_t = timed(lambda t=temperature, s=sampler: temperature_sample(
+                draw, 16, t, s, num_candidates=200, lazy_draw_fn=lazy_draw), repeats)
             rows.append((f"temperature sampling 16 x 200, T = {label} (kit: {sampler})", ref_t, kit_t))
     return rows, check
 
@@ -221,8 +226,11 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2, help="untimed calls before each timing (default 2)")
+    p.add_argument("--sections", default="ae,lm,brier,sampling,generation,heads",
+                   help="comma-separated subset of ae,lm,brier,sampling,generation,heads (default: all)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
+    sections = set(args.sections.split(","))
     WARMUP = args.warmup
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -249,7 +257,8 @@ def main() -> int:
         kit_ae.zero_grad(set_to_none=True)
         kit_ae(ae_ids.view(-1, K)).loss.backward()
 
-    rows.append(("autoencoder fwd+bwd, 8 x 2048", timed(ref_ae_step, args.repeats), timed(kit_ae_step, args.repeats)))
+    if "ae" in sections:
+        rows.append(("autoencoder fwd+bwd, 8 x 2048", timed(ref_ae_step, args.repeats), timed(kit_ae_step, args.repeats)))
 
     lm_ids = torch.randint(0, V - 3, (8, 512), generator=g)
     ref.train()
@@ -263,15 +272,16 @@ def main() -> int:
         calm.zero_grad(set_to_none=True)
         calm.loss(lm_ids).loss.backward()
 
-    ref_t = timed(ref_lm_step, args.repeats)
-    rows.append(("CALM-energy train step, 8 x 512 (kit: shared target noise)", ref_t, timed(kit_lm_step, args.repeats)))
-    calm.head.cfg.energy.shared_target_noise = False
-    rows.append(("CALM-energy train step, 8 x 512 (kit: i.i.d. target noise)", ref_t, timed(kit_lm_step, args.repeats)))
-    calm.head.cfg.energy.shared_target_noise = True
+    if "lm" in sections:
+        ref_t = timed(ref_lm_step, args.repeats)
+        rows.append(("CALM-energy train step, 8 x 512 (kit: shared target noise)", ref_t, timed(kit_lm_step, args.repeats)))
+        calm.head.cfg.energy.shared_target_noise = False
+        rows.append(("CALM-energy train step, 8 x 512 (kit: i.i.d. target noise)", ref_t, timed(kit_lm_step, args.repeats)))
+        calm.head.cfg.energy.shared_target_noise = True
 
     ref.eval()
     calm.eval()
-    for batch in (1, 8):
+    for batch in (1, 8) if "brier" in sections else ():
         ids = lm_ids[:batch]
 
         def ref_val(ids=ids):
@@ -288,10 +298,14 @@ def main() -> int:
 
     with torch.no_grad():
         hidden = calm.hidden_states(lm_ids[:1])[0, :16]  # [16, D] real backbone states as contexts
-    more, check = sampling_rows(ref, calm, kit_ae, hidden, args.repeats)
-    rows += more
-    rows += generation_rows(ref, calm, args.repeats, g)
-    rows += head_rows(pairs, lm_ids, hidden, args.repeats)
+    check = ""
+    if "sampling" in sections:
+        more, check = sampling_rows(ref, calm, kit_ae, hidden, args.repeats)
+        rows += more
+    if "generation" in sections:
+        rows += generation_rows(ref, calm, args.repeats, g)
+    if "heads" in sections:
+        rows += head_rows(pairs, lm_ids, hidden, args.repeats)
 
     import platform
 
@@ -303,7 +317,7 @@ def main() -> int:
              "| path | reference ms (min / median) | kit ms (min / median) | ratio ref/kit (min) |", "|---|---|---|---|"]
     for name, (rmin, rmed), (kmin, kmed) in rows:
         lines.append(f"| {name} | {rmin * 1e3:.1f} / {rmed * 1e3:.1f} | {kmin * 1e3:.1f} / {kmed * 1e3:.1f} | {rmin / kmin:.2f} |")
-    text = "\n".join(lines) + "\n\n" + check + "\n"
+    text = "\n".join(lines) + "\n" + (f"\n{check}\n" if check else "")
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     header = "" if args.out.exists() else "# The kit against the reference implementation (benchmarks/vs_reference.py)\n\n"

@@ -136,3 +136,17 @@ def test_screen_gives_up_after_a_losing_probe(monkeypatch):
     stats = {}
     projection_argmax(h, weight, "bf16", stats)
     assert stats["rechecked"] < 3000 - argmax_module._PROBE_ROWS
+
+
+def test_cached_bf16_weight_follows_in_place_updates_and_new_tensors():
+    g = torch.Generator().manual_seed(7)
+    weight = torch.nn.Parameter(torch.randn(300, 32, generator=g))
+    h = torch.randn(200, 32, generator=g)
+    assert torch.equal(projection_argmax(h, weight, "bf16"), F.linear(h, weight).argmax(-1))
+    with torch.no_grad():
+        weight.mul_(-1)  # same object, new version: the cached copy must not be reused
+    assert torch.equal(projection_argmax(h, weight, "bf16"), F.linear(h, weight).argmax(-1))
+    other = torch.randn(300, 32, generator=g)  # another tensor of the same shape
+    assert torch.equal(projection_argmax(h, other, "bf16"), F.linear(h, other).argmax(-1))
+    few = h[:3]  # below _MIN_ROWS: plain fp32
+    assert torch.equal(projection_argmax(few, other, "bf16"), F.linear(few, other).argmax(-1))

@@ -99,6 +99,6 @@ def test_auto_entry_point_and_pilot_size(monkeypatch):
     chunks, info = temperature_sample(sampler, 4, 0.05, "auto", num_candidates=40)
     assert info.pilot == 20  # raised to 1/T: fewer pilot draws cannot show 1/T equal ones
     assert chunks.shape == (4, 2)
-    monkeypatch.setattr(auto, "EXACT_OVERHEAD", float("inf"))  # exact never predicted cheaper
+    monkeypatch.setattr(auto, "EXACT_FIXED", float("inf"))  # exact never predicted cheaper
     _, info = temperature_sample(sampler, 4, 0.5, "auto", num_candidates=20)
     assert not bool(info.exact.any()) and info.exact_stats is None and info.batch_info.num_candidates == 20

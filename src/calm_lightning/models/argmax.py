@@ -30,6 +30,8 @@ low precision; then the plain path runs (autocast's choice, as before).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -41,6 +43,8 @@ _ROW_TILE = 4096  # rows per bf16 tile: 4096 x V=8192 bf16 logits is 64 MiB
 _PROBE_ROWS = 512  # the first tile: if more than _MAX_RECHECK of it needs fp32, the rest goes straight to fp32
 _MAX_RECHECK = 0.25  # bf16 pass ~0.65x the fp32 one here, so past ~30% re-checked rows the screen loses
 _ABS_SLACK = 1e-30  # products flushed to zero by FTZ/DAZ (each < 2^-126) summed over d <= 2^16
+_MIN_ROWS = 64  # fewer rows (a generation step at T = 1): the fp32 projection is cheap, skip the screen
+_BF16_WEIGHTS: dict = {}  # "entry" -> (weak ref to the weight, its version, bf16 copy, max row norm)
 
 
 def error_coefficient(d: int) -> float:
@@ -57,6 +61,20 @@ def resolve_screen(screen: str, device: torch.device) -> str:
     return "bf16" if device.type == "cpu" and cpu_has_fast_bf16() else "fp32"
 
 
+def _bf16_weight(weight: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """bf16 copy of ``weight`` and its largest row norm, cached while it is the same tensor object
+    (held by a weak reference, so a new tensor at a recycled address never hits) at the same version
+    (an in-place update, e.g. ``load_state_dict`` or an optimizer step, bumps it). One entry: decoding
+    uses one matrix."""
+    hit = _BF16_WEIGHTS.get("entry")
+    if hit is not None and hit[0]() is weight and hit[1] == weight._version:
+        return hit[2], hit[3]
+    with torch.no_grad():
+        copy, norm = weight.detach().to(torch.bfloat16), float(weight.detach().norm(dim=-1).max())
+    _BF16_WEIGHTS["entry"] = (weakref.ref(weight), weight._version, copy, norm)
+    return copy, norm
+
+
 def projection_argmax(
     h: torch.Tensor, weight: torch.Tensor, screen: str = "auto", stats: dict | None = None
 ) -> torch.Tensor:
@@ -67,12 +85,12 @@ def projection_argmax(
     """
     mode = resolve_screen(screen, h.device)
     if (mode == "fp32" or torch.is_autocast_enabled(h.device.type) or h.dtype != torch.float32
-            or weight.shape[0] < 2):
+            or weight.shape[0] < 2 or h.numel() < _MIN_ROWS * h.shape[-1]):
         return F.linear(h, weight).argmax(-1)
     lead, d = h.shape[:-1], h.shape[-1]
     flat = h.reshape(-1, d)
-    weight_bf16 = weight.detach().to(torch.bfloat16)
-    bound = 2 * error_coefficient(d) * float(weight.detach().norm(dim=-1).max())  # per unit ||h||
+    weight_bf16, max_norm = _bf16_weight(weight)
+    bound = 2 * error_coefficient(d) * max_norm  # per unit ||h||
     out = torch.empty(flat.shape[0], dtype=torch.long, device=h.device)
     unsure = []
     start, tile = 0, _PROBE_ROWS

@@ -13,8 +13,11 @@ sends each context to whichever sampler is predicted cheaper:
   among the m pilot draws, C the generalised binomial of the batch sampler), the U-statistic of
   "s draws all equal" for integer s (unbiased) and nearly unbiased otherwise; sum_x P(x)^(s-1)
   likewise. No repeated pilot chunk means an estimate of 0 and an infinite E: batch.
-- a context goes to the exact sampler when ``EXACT_OVERHEAD`` * E <= N; the factor covers the draws the
-  vectorised exact sampler makes and discards past each event (block draws) and its extra rounds.
+- a context goes to the exact sampler when ``EXACT_OVERHEAD`` * E + ``EXACT_FIXED`` <= N: the vectorised
+  exact sampler makes (and discards past each event) 1.3-1.6 draws per expected draw at T = 1/2 and 1/3
+  once E >= 10 (1.5-2.2 at T = 0.4, where the Bernoulli factory restarts), and at least one block of 8
+  however peaked P is (categorical toys with E from 2.5 to 900: ``benchmarks/bench_sampling.py``,
+  record ``exact_overhead``). The rule is a cost model, not part of any sampler's exactness.
 - both samplers then draw *fresh* samples: the pilot only decides. Reusing the pilot's draws would
   make the chosen sampler's input depend on the choice (a selection bias); fresh draws keep each
   sampler's output distribution exactly what it is alone (exact: P^(1/T) / Z_T up to its cap;
@@ -42,9 +45,9 @@ from calm_lightning.sampling.temperature import (
     inverse_temperature,
 )
 
-# Draws made by the exact sampler per draw it consumes, plus its per-round overhead, as a multiple of
-# its expected consumed draws; measured on trained CALM heads (benchmarks/results/sampling_auto.md).
-EXACT_OVERHEAD = 2.0
+# Draws the exact sampler makes ~ EXACT_OVERHEAD * expected draws + EXACT_FIXED (module docstring).
+EXACT_OVERHEAD = 1.5
+EXACT_FIXED = 8
 DEFAULT_PILOT = 16
 
 
@@ -126,7 +129,7 @@ def auto_temperature_sample(
     contexts = torch.arange(num_contexts, device=index_device)
     sample = draw_fn(contexts, pilot)  # [C, m, K]
     estimated = estimate_exact_draws(sample, temperature)  # [C]
-    use_exact = EXACT_OVERHEAD * estimated <= num_candidates  # [C] on the draws' device
+    use_exact = EXACT_OVERHEAD * estimated + EXACT_FIXED <= num_candidates  # [C] on the draws' device
     chunks = sample.new_zeros(num_contexts, sample.shape[-1])
     draws_made = sample.shape[0] * sample.shape[1]
     exact_stats = batch_info = None
