@@ -505,3 +505,25 @@ def test_diffusion_sampler_reproduces_a_gaussian_with_the_exact_epsilon(determin
     )
     torch.testing.assert_close(x.mean(0), m, atol=0.03, rtol=0)
     torch.testing.assert_close(x.std(0), s, atol=0, rtol=0.04)
+
+
+@pytest.mark.parametrize("learn_sigma", [False, True])
+def test_adaln_with_one_timestep_equals_the_per_row_net(learn_sigma):
+    """Sampling passes one t per step and one condition per position (the condition path runs on the G
+    positions, broadcast over their S samples): the same outputs as every row with its own t and
+    repeated condition. Random weights (the zero-initialised modulations would hide a wrong broadcast)."""
+    torch.manual_seed(0)
+    lat, D, P, S = 6, 10, 5, 7
+    net = AdaLNMLP(lat, D, 16, 2, out_size=2 * lat if learn_sigma else lat)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    hidden, x = torch.randn(P, D), torch.randn(P * S, lat)
+    t = torch.full((P * S,), 37.0)
+    per_row = net(x, t, net.embed_condition(hidden, S))
+    grouped = net(x, t[:1], net.embed_condition(hidden))
+    assert torch.allclose(grouped, per_row, atol=1e-5, rtol=1e-5)
+    # rows of one position really differ only through x (not a degenerate broadcast)
+    assert not torch.allclose(grouped[0], grouped[1])
+    with pytest.raises(ValueError):
+        net(x[:-1], t[:1], net.embed_condition(hidden))

@@ -28,7 +28,7 @@ class AdaLNBlock(nn.Module):
         self.modulation = nn.Linear(width, 3 * width)
 
     def forward(self, x: torch.Tensor, y_act: torch.Tensor) -> torch.Tensor:
-        """x: [B, w], y_act = SiLU(y): [B, w] -> [B, w]."""
+        """x: [..., w], y_act = SiLU(y): broadcastable to x (e.g. [G, 1, w] for x [G, S, w]) -> x's shape."""
         shift, scale, gate = self.modulation(y_act).chunk(3, dim=-1)
         return x + gate * self.mlp(_modulate(self.norm(x), shift, scale))
 
@@ -98,12 +98,24 @@ class AdaLNMLP(nn.Module):
         return self.cond_proj(cond.to(self.cond_proj.weight.dtype)).repeat_interleave(repeats, dim=0)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond_emb: torch.Tensor) -> torch.Tensor:
-        """x: [B, l], t: [B] (float timesteps), cond_emb: [B, w] from ``embed_condition`` -> [B, out_size]."""
+        """x: [B, l]; t: [B] float timesteps, or [1] (one timestep for every row); cond_emb: [G, w] from
+        ``embed_condition``, G dividing B: row b is conditioned on cond_emb[b // (B / G)] -> [B, out_size].
+
+        With one timestep the condition path (time MLP, every adaLN modulation) depends on the condition
+        alone, so it runs on the G distinct conditions and is broadcast over the B / G rows of each: the
+        same function with B / G times fewer of those matmuls (sampling: one t per solver step, S
+        samples per position). With a timestep per row, cond_emb is repeated to B rows first.
+        """
         dtype = self.input_proj.weight.dtype
-        y = self.time_embed(timestep_embedding(t, self.width).to(dtype)) + cond_emb  # [B, w]
-        y_act = F.silu(y)
-        h = self.input_proj(x.to(dtype))  # [B, w]
+        B, G = x.shape[0], cond_emb.shape[0]
+        if B % G:
+            raise ValueError(f"{G} conditions do not divide {B} rows")
+        if t.numel() != 1 and G != B:
+            cond_emb, G = cond_emb.repeat_interleave(B // G, dim=0), B
+        y = self.time_embed(timestep_embedding(t.reshape(-1), self.width).to(dtype))  # [G or 1, w]
+        y_act = F.silu(y + cond_emb).unsqueeze(1)  # [G, 1, w]
+        h = self.input_proj(x.to(dtype)).view(G, B // G, -1)  # [G, B/G, w]
         for block in self.blocks:
             h = block(h, y_act)
         shift, scale = self.final_modulation(y_act).chunk(2, dim=-1)
-        return self.out_proj(_modulate(self.final_norm(h), shift, scale))
+        return self.out_proj(_modulate(self.final_norm(h), shift, scale)).view(B, -1)

@@ -216,8 +216,8 @@ class DiffusionHead(GenerativeHead):
     def denoise(
         self, x: torch.Tensor, t: torch.Tensor, cond_emb: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x: [B, l], t: [B] original timesteps, cond_emb: [B, w] (``net.embed_condition``)
-        -> (eps^[B, l], v[B, l] or None), float32."""
+        """x: [B, l], t: [B] original timesteps (or [1]: one for all rows), cond_emb: [G, w]
+        (``net.embed_condition``; G divides B, see ``AdaLNMLP.forward``) -> (eps^[B, l], v[B, l] or None), float32."""
         out = self.net(x, t, cond_emb).float()
         lat = self.latent_size
         return (out[:, :lat], out[:, lat:]) if self.cfg.diffusion.learn_sigma else (out, None)
@@ -263,10 +263,10 @@ class DiffusionHead(GenerativeHead):
     ) -> torch.Tensor:
         """hidden: [P, D] -> latents [P, S, l] (float32) by the respaced reverse chain; ``generator`` on hidden's device."""
         P, S = hidden.shape[0], num_samples
-        cond = self.net.embed_condition(hidden, S)  # [P*S, w], once for all steps
+        cond = self.net.embed_condition(hidden)  # [P, w], once for all steps and samples
         x = torch.randn(P * S, self.latent_size, generator=generator, device=hidden.device)
-        z = diffusion_sample_loop(
-            lambda x, t: self.denoise(x, t, cond),
+        z = diffusion_sample_loop(  # one t per step: the condition path runs per position, not per sample
+            lambda x, t: self.denoise(x, t[:1], cond),
             x,
             self.sampling_schedule,
             self.cfg.diffusion.deterministic,

@@ -106,7 +106,8 @@ class FlowHead(GenerativeHead):
         self.net = AdaLNMLP(latent_size, hidden_size, cfg.width or hidden_size, num_blocks, eps=cfg.norm_eps)
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, cond_emb: torch.Tensor) -> torch.Tensor:
-        """v(x_t, t | h). x: [B, l], t: [B] in [0, 1], cond_emb: [B, w] (``net.embed_condition``) -> [B, l] float32."""
+        """v(x_t, t | h). x: [B, l], t: [B] in [0, 1] (or [1]: one t for all rows), cond_emb: [G, w]
+        (``net.embed_condition``; G divides B, see ``AdaLNMLP.forward``) -> [B, l] float32."""
         time = t * self.cfg.flow.time_scale
         if self.cfg.flow.discrete_time:  # the reference's net sees the integer part of 1000 t
             time = time.floor()
@@ -131,9 +132,9 @@ class FlowHead(GenerativeHead):
     ) -> torch.Tensor:
         """hidden: [P, D] -> latents [P, S, l] (float32); ``generator`` (on hidden's device) seeds x0."""
         P, S = hidden.shape[0], num_samples
-        cond = self.net.embed_condition(hidden, S)  # [P*S, w], once for all steps
+        cond = self.net.embed_condition(hidden)  # [P, w], once for all steps and samples
         x0 = torch.randn(P * S, self.latent_size, generator=generator, device=hidden.device)
-        x1 = integrate_flow(
-            lambda x, t: self.velocity(x, t, cond), x0, self.cfg.flow.num_steps, self.cfg.flow.solver
+        x1 = integrate_flow(  # one t per step: the condition path runs per position, not per sample
+            lambda x, t: self.velocity(x, t[:1], cond), x0, self.cfg.flow.num_steps, self.cfg.flow.solver
         )
         return x1.view(P, S, self.latent_size)
