@@ -103,7 +103,7 @@ def projection_argmax(
         unsure.append((~safe).nonzero().squeeze(-1) + start)
         start += rows.shape[0]
         if start == rows.shape[0] and unsure[0].numel() > _MAX_RECHECK * rows.shape[0]:  # the probe lost
-            unsure.append(torch.arange(start, flat.shape[0], device=h.device))
+            out[start:] = F.linear(flat[start:], weight).argmax(-1)  # the rest in fp32, no gather
             break
         tile = _ROW_TILE
     recheck = torch.cat(unsure)
@@ -111,5 +111,5 @@ def projection_argmax(
         out[recheck] = F.linear(flat[recheck], weight).argmax(-1)
     if stats is not None:
         stats["rows"] = stats.get("rows", 0) + flat.shape[0]
-        stats["rechecked"] = stats.get("rechecked", 0) + int(recheck.numel())
+        stats["rechecked"] = stats.get("rechecked", 0) + int(recheck.numel()) + (flat.shape[0] - start)
     return out.reshape(lead)
