@@ -310,10 +310,13 @@ def calm_flops(
     K, D = ae_cfg.chunk_size, backbone_cfg.d_model
     params = calm_params(backbone_cfg, head_cfg, ae_cfg)
     head_once, head_eval = head_param_split(D, ae_cfg.latent_size, head_cfg, backbone_cfg.n_layers)
+    sample_once, sample_eval = _head_class(head_cfg).sample_param_split(
+        head_cfg, D, ae_cfg.latent_size, backbone_cfg.n_layers
+    )
     step = params.backbone + params.compression  # run once per chunk
     attention = attention_flops_per_position(backbone_cfg, context) / K
     inference = FlopsPerToken(
-        dense=2.0 * (step + head_once + head_evals_per_sample(head_cfg) * head_eval) / K
+        dense=2.0 * (step + sample_once + head_evals_per_sample(head_cfg) * sample_eval) / K
         + autoencoder_decode_flops(ae_cfg),
         attention=attention,
     )

@@ -64,15 +64,19 @@ class AdaLNMLP(nn.Module):
         self.reset_parameters()
 
     @staticmethod
-    def param_split(latent_size: int, cond_size: int, width: int, num_blocks: int, out_size: int) -> tuple[int, int]:
+    def param_split(
+        latent_size: int, cond_size: int, width: int, num_blocks: int, out_size: int, sampling: bool = False
+    ) -> tuple[int, int]:
         """Parameters as (the condition projection, run once per position by ``embed_condition``; the
-        rest, run per evaluation). Every Linear has a bias; the LayerNorms have no affine."""
+        rest, run per evaluation). Every Linear has a bias; the LayerNorms have no affine. ``sampling``:
+        one timestep for every row (``forward`` with t of size 1), so the time MLP runs once per solver
+        step for the whole batch and is not counted per evaluation."""
         w = width
         block = 2 * (w * w + w) + (w * 3 * w + 3 * w)  # MLP w -> w -> w, modulation w -> 3w
         per_eval = sum(
             [
                 latent_size * w + w,  # input_proj
-                2 * (w * w + w),  # time_embed MLP
+                0 if sampling else 2 * (w * w + w),  # time_embed MLP
                 num_blocks * block,
                 w * 2 * w + 2 * w,  # final_modulation
                 w * out_size + out_size,  # out_proj

@@ -105,6 +105,15 @@ class GenerativeHead(nn.Module, abc.ABC):
         return 0, sum(p.numel() for p in head.parameters())
 
     @classmethod
+    def sample_param_split(
+        cls, cfg: HeadConfig, hidden_size: int, latent_size: int, num_backbone_layers: int
+    ) -> tuple[int, int]:
+        """``param_split`` as sampling runs the head, where it may differ from training (default: the
+        same). The adaLN heads feed one timestep per solver step to every row, so their time MLP runs
+        once per step for the whole batch and leaves the per-evaluation count."""
+        return cls.param_split(cfg, hidden_size, latent_size, num_backbone_layers)
+
+    @classmethod
     def sample_evals(cls, cfg: HeadConfig) -> int:
         """Network evaluations per generated sample (1 = a one-step sampler)."""
         return 1

@@ -179,12 +179,18 @@ class DiffusionHead(GenerativeHead):
 
     @classmethod
     def param_split(
-        cls, cfg: HeadConfig, hidden_size: int, latent_size: int, num_backbone_layers: int
+        cls, cfg: HeadConfig, hidden_size: int, latent_size: int, num_backbone_layers: int, sampling: bool = False
     ) -> tuple[int, int]:
         d = cfg.diffusion
         out = 2 * latent_size if d.learn_sigma else latent_size
         num_blocks = resolve_num_blocks(d.num_blocks, num_backbone_layers)
-        return AdaLNMLP.param_split(latent_size, hidden_size, cfg.width or hidden_size, num_blocks, out)
+        return AdaLNMLP.param_split(latent_size, hidden_size, cfg.width or hidden_size, num_blocks, out, sampling)
+
+    @classmethod
+    def sample_param_split(
+        cls, cfg: HeadConfig, hidden_size: int, latent_size: int, num_backbone_layers: int
+    ) -> tuple[int, int]:
+        return cls.param_split(cfg, hidden_size, latent_size, num_backbone_layers, sampling=True)
 
     @classmethod
     def sample_evals(cls, cfg: HeadConfig) -> int:

@@ -78,10 +78,17 @@ class FlowHead(GenerativeHead):
 
     @classmethod
     def param_split(
-        cls, cfg: HeadConfig, hidden_size: int, latent_size: int, num_backbone_layers: int
+        cls, cfg: HeadConfig, hidden_size: int, latent_size: int, num_backbone_layers: int, sampling: bool = False
     ) -> tuple[int, int]:
         num_blocks = resolve_num_blocks(cfg.flow.num_blocks, num_backbone_layers)
-        return AdaLNMLP.param_split(latent_size, hidden_size, cfg.width or hidden_size, num_blocks, latent_size)
+        width = cfg.width or hidden_size
+        return AdaLNMLP.param_split(latent_size, hidden_size, width, num_blocks, latent_size, sampling)
+
+    @classmethod
+    def sample_param_split(
+        cls, cfg: HeadConfig, hidden_size: int, latent_size: int, num_backbone_layers: int
+    ) -> tuple[int, int]:
+        return cls.param_split(cfg, hidden_size, latent_size, num_backbone_layers, sampling=True)
 
     @classmethod
     def sample_evals(cls, cfg: HeadConfig) -> int:
