@@ -23,26 +23,15 @@ per pilot-estimated expected draw (what ``auto.EXACT_OVERHEAD`` stands for).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from records import append_record, record_header
+from shared import timed
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sampling.json"
-
-
-def timed(fn, repeats: int) -> tuple[float, float]:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times), statistics.median(times)
 
 
 def exact_overhead() -> list[dict]:

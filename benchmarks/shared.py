@@ -10,6 +10,18 @@ import torch
 from calm_lightning.models.config import BackboneConfig
 
 
+def timed(fn, repeats: int, warmup: int = 1) -> tuple[float, float]:
+    """(min, median) wall-clock seconds of ``fn()`` over ``repeats`` calls after ``warmup`` untimed ones (CPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times), statistics.median(times)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -38,12 +38,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+import shared
 import torch
 
 from calm_lightning.official import convert_official
@@ -72,18 +71,11 @@ def tokenizer_json(path: Path) -> None:
     tok.save(str(path))
 
 
-WARMUP = 2
+WARMUP = 2  # untimed calls before each timing (--warmup)
 
 
-def timed(fn, repeats: int, warmup: int | None = None) -> tuple[float, float]:
-    for _ in range(WARMUP if warmup is None else warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times), statistics.median(times)
+def timed(fn, repeats: int) -> tuple[float, float]:
+    return shared.timed(fn, repeats, WARMUP)
 
 
 def build(ref_repo: Path, tmp: Path):
