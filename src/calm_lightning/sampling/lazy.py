@@ -57,6 +57,16 @@ class LazyChunks:
         return torch.stack([self.position(k, flat) for k in range(self.K)], dim=-1)
 
 
+def _split_groups(group: torch.Tensor, token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split each row's groups by a token (0 = not decoded: only for candidates alone in their group).
+
+    group, token: [C, N]. Returns the new group ids [C, N] (0 .. G-1, in lexicographic order of
+    (old group, token), so the final order is the full sort's) and their sizes [C, N] by id."""
+    key = group * (int(token.max()) + 1) + token  # (group, token) -> one distinct int64
+    perm, run, size = _sorted_runs(key.unsqueeze(-1), stable=False)
+    return torch.empty_like(run).scatter_(-1, perm, run), size
+
+
 def lazy_chunk_counts(chunks: LazyChunks) -> tuple[torch.Tensor, torch.Tensor]:
     """Group each context's candidates by whole-chunk equality, decoding only what tells them apart.
 
@@ -75,9 +85,7 @@ def lazy_chunk_counts(chunks: LazyChunks) -> tuple[torch.Tensor, torch.Tensor]:
         flat = active.flatten().nonzero().squeeze(-1)
         token = torch.zeros(C * N, dtype=torch.long, device=device)
         token[flat] = chunks.position(k, flat) + 1  # 0 = "not decoded" (a singleton: its group stays alone)
-        key = group * (int(token.max()) + 1) + token.view(C, N)  # (group, token) -> one distinct int64
-        perm, run, size = _sorted_runs(key.unsqueeze(-1), stable=False)
-        group = torch.empty_like(run).scatter_(-1, perm, run)
+        group, size = _split_groups(group, token.view(C, N))
     return group, size
 
 
@@ -130,7 +138,5 @@ def lazy_prefix_tokens(chunks: LazyChunks, targets: torch.Tensor, num_positions:
         out.view(C * S, K)[flat, k] = decoded
         token[flat] = decoded + 1
         on_target = out[:, :, k] == targets[:, k : k + 1]
-        key = group * (int(token.max()) + 1) + token.view(C, S)
-        perm, run, size = _sorted_runs(key.unsqueeze(-1), stable=False)
-        group = torch.empty_like(run).scatter_(-1, perm, run)
+        group, size = _split_groups(group, token.view(C, S))
     return out
