@@ -15,7 +15,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = {"train": ["bench_train.py", "--bf16", "--compile"], "brier": ["bench_brier.py"], "temperature": ["bench_temperature.py"],
-              "generate": ["bench_generate.py"], "gpu": ["gpu.py", "--compile"]}  # gpu: skips without CUDA
+              "generate": ["bench_generate.py"], "sampling": ["bench_sampling.py"],  # sampling: needs runs/calm_energy
+              "gpu": ["gpu.py", "--compile"]}  # gpu: skips without CUDA
 
 
 def machine() -> str:
