@@ -69,7 +69,7 @@ def main() -> int:
     from calm_lightning.checkpoints import load_language_model
     from calm_lightning.errors import CalmError
     from calm_lightning.sampling.auto import estimate_exact_draws
-    from calm_lightning.sampling.lazy import LazyChunks
+    from calm_lightning.sampling.lazy import lazy_candidates
     from calm_lightning.sampling.temperature import temperature_sample
     from calm_lightning.utils.hardware import cpu_has_fast_bf16
 
@@ -103,7 +103,7 @@ def main() -> int:
         return model.sample_chunks(hidden.index_select(0, idx), num_samples=num)
 
     def lazy_draw(idx, num):
-        return LazyChunks(model.sample_trunks(hidden.index_select(0, idx), num_samples=num), ae.decode_position)
+        return lazy_candidates(model, hidden.index_select(0, idx), num)
 
     record = record_header("sampling")
     record["exact_overhead"] = overhead

@@ -129,7 +129,7 @@ def build_other_heads(ref_repo: Path, tmp: Path, calm, kit_ae):
 
 def sampling_rows(ref, calm, kit_ae, hidden, repeats: int) -> tuple[list, str]:
     """Temperature sampling rows and the decoders' token agreement on the same latents."""
-    from calm_lightning.sampling.lazy import LazyChunks
+    from calm_lightning.sampling.lazy import lazy_candidates
     from calm_lightning.sampling.temperature import temperature_sample
 
     rows = []
@@ -147,7 +147,7 @@ def sampling_rows(ref, calm, kit_ae, hidden, repeats: int) -> tuple[list, str]:
         return calm.sample_chunks(hidden.index_select(0, idx), num_samples=num)
 
     def lazy_draw(idx, num):  # what generation passes: candidates decoded on demand (sampling/lazy.py)
-        return LazyChunks(calm.sample_trunks(hidden.index_select(0, idx), num_samples=num), calm.autoencoder.decode_position)
+        return lazy_candidates(calm, hidden.index_select(0, idx), num)
 
     for temperature, label in ((0.5, "1/2"), (1 / 3, "1/3")):
         ref_t = timed(lambda t=temperature: ref.temperature_sampling(hidden, temperature=t, num_samples=200), repeats)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from calm_lightning.models.config import AutoencoderConfig, BackboneConfig, HeadConfig
+from calm_lightning.models.config import ARGMAX_SCREENS, AutoencoderConfig, BackboneConfig, HeadConfig
 
 MODEL_KINDS = ("autoencoder", "calm", "ar")
 SCHEDULES = ("constant", "constant_with_warmup", "cosine")
@@ -168,8 +168,8 @@ def validate(cfg: ExperimentConfig) -> list[str]:
     errs += _check(ae.beta >= 0, "model.autoencoder.beta", f"must be >= 0, got {ae.beta}")
     errs += _check(ae.kl_clip_reduction in ("chunk", "batch"), "model.autoencoder.kl_clip_reduction",
                    f"must be chunk or batch, got {ae.kl_clip_reduction!r}")
-    errs += _check(ae.argmax_screen in ("auto", "bf16", "fp32"), "model.autoencoder.argmax_screen",
-                   f"must be auto, bf16 or fp32, got {ae.argmax_screen!r}")
+    errs += _check(ae.argmax_screen in ARGMAX_SCREENS, "model.autoencoder.argmax_screen",
+                   f"must be one of {', '.join(ARGMAX_SCREENS)}, got {ae.argmax_screen!r}")
     for key, p in (("latent_dropout", ae.latent_dropout), ("token_mask_prob", ae.token_mask_prob)):
         errs += _check(0.0 <= p < 1.0, f"model.autoencoder.{key}", f"must be in [0, 1), got {p}")
     if K >= 1:

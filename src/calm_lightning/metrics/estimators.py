@@ -192,15 +192,14 @@ def _calm_draw(model, generator: torch.Generator | None, num_samples: int = 2) -
 def _lazy_calm_draw(model, tokens: Tensor, max_n: int, generator, num_samples: int) -> DrawFn:
     """The teacher-forced draw of ``_calm_draw`` (same head samples), decoding only the positions the
     estimator can use (``lazy_prefix_tokens``: the same sums as a full decode). K >= max_n only."""
-    from calm_lightning.sampling.lazy import LazyChunks, lazy_prefix_tokens
+    from calm_lightning.sampling.lazy import lazy_candidates, lazy_prefix_tokens
 
     K = model.chunk_size
 
     def draw(hidden, r):
         B, N, D = hidden.shape  # N = L - 1 start positions; start j's target is chunk j + 1
-        trunk = model.sample_trunks(hidden.reshape(B * N, D), num_samples, generator=generator)  # [B N, S, K, d]
+        chunks = lazy_candidates(model, hidden.reshape(B * N, D), num_samples, generator)  # B N contexts x S
         targets = tokens[:, K : K * (N + 1)].reshape(B * N, K)
-        chunks = LazyChunks(trunk, model.autoencoder.decode_position)
         return lazy_prefix_tokens(chunks, targets, max_n).view(B, N, num_samples, K)
 
     return draw

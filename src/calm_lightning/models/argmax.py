@@ -35,9 +35,9 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from calm_lightning.models.config import ARGMAX_SCREENS as SCREENS
 from calm_lightning.utils.hardware import cpu_has_fast_bf16
 
-SCREENS = ("auto", "bf16", "fp32")
 _U = 2.0**-8
 _ROW_TILE = 4096  # rows per bf16 tile: 4096 x V=8192 bf16 logits is 64 MiB
 _PROBE_ROWS = 512  # the first tile: if more than _MAX_RECHECK of it needs fp32, the rest goes straight to fp32

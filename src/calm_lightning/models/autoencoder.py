@@ -198,7 +198,7 @@ class ChunkAutoencoder(nn.Module):
     def decode(self, z: torch.Tensor, stats: dict | None = None) -> torch.Tensor:
         """Greedy reconstruction. z: [..., l] -> tokens [..., K], the argmax of ``decode_logits`` (the same
         tokens, computed with the bf16 screen of ``models/argmax.py`` where ``cfg.argmax_screen`` selects it)."""
-        return projection_argmax(self.decode_states(z), self.embedding.weight, self.cfg.argmax_screen, stats)
+        return self.decode_position(self.decode_trunk(z), stats)
 
     # ------------------------------------------------------------------ training objective
     def mask_tokens(self, tokens: torch.Tensor) -> torch.Tensor:

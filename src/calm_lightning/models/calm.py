@@ -132,8 +132,8 @@ class CALM(nn.Module):
         self, hidden: torch.Tensor, num_samples: int = 1, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """Sample next chunks: head latents decoded greedily by the AE. hidden: [P, D] -> tokens [P, S, K]."""
-        z = self.head.sample(hidden, num_samples=num_samples, generator=generator)  # [P, S, l]
-        return self.autoencoder.decode(z.to(self.autoencoder.embedding.weight.dtype))  # [P, S, K]
+        trunk = self.sample_trunks(hidden, num_samples=num_samples, generator=generator)  # [P, S, K, d]
+        return self.autoencoder.decode_position(trunk)  # [P, S, K]
 
     @torch.no_grad()
     def sample_trunks(

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+ARGMAX_SCREENS = ("auto", "bf16", "fp32")  # AutoencoderConfig.argmax_screen (models/argmax.py)
+
 
 @dataclass
 class AutoencoderConfig:

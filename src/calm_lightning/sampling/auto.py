@@ -35,13 +35,14 @@ from dataclasses import dataclass
 import torch
 
 from calm_lightning.sampling.exact import ExactSampleStats, exact_temperature_sample
-from calm_lightning.sampling.lazy import lazy_batch_temperature_sample
+from calm_lightning.sampling.lazy import batch_sample
 from calm_lightning.sampling.temperature import (
     BatchSampleInfo,
     DrawFn,
     LazyDrawFn,
+    _relative_weights,
     _sorted_runs,
-    batch_temperature_sample,
+    _weight_dtype,
     inverse_temperature,
 )
 
@@ -51,29 +52,19 @@ EXACT_FIXED = 8
 DEFAULT_PILOT = 16
 
 
-def _log_binomial(count: torch.Tensor, s: float) -> torch.Tensor:
-    """log C(c, s) = lgamma(c+1) - lgamma(c-s+1) - lgamma(s+1); -inf where c < floor(s) (C = 0 there).
-
-    count: float64 tensor of non-negative integer counts. For integer s this is log binom(c, s).
-    """
-    shifted = count - s + 1
-    safe = shifted.clamp_min(1e-300)
-    log_c = torch.lgamma(count + 1) - torch.lgamma(safe) - math.lgamma(s + 1)
-    return log_c.masked_fill(count < math.floor(s), float("-inf"))
-
-
 def estimate_power_sum(pilot: torch.Tensor, s: float) -> torch.Tensor:
     """Estimate sum_x P(x)^s per context from m i.i.d. draws. pilot: [C, m, K] -> float64 [C].
 
-    sum over distinct chunks of C(c, s) / C(m, s); needs m >= s (else every estimate is 0).
+    sum over distinct chunks of C(c, s) / C(m, s): the batch sampler's weight ratios with m as the
+    largest count (level s, no fallback since m >= s); needs m >= s (else every estimate is 0).
     """
-    _, _, size = _sorted_runs(pilot, stable=False)  # [C, m] run lengths, 0 = unused run id
     m = pilot.shape[1]
     if m < s:
         return torch.zeros(pilot.shape[0], dtype=torch.float64, device=pilot.device)
-    counts = size.to(torch.float64)
-    terms = (_log_binomial(counts, s) - _log_binomial(torch.tensor(float(m), dtype=torch.float64), s)).exp()
-    return terms.masked_fill(size == 0, 0.0).sum(-1)
+    _, _, size = _sorted_runs(pilot, stable=False)  # [C, m] run lengths, 0 = unused run id
+    top = torch.full_like(size[:, :1], m)
+    ratios = _relative_weights(size, top, m, s, size.device, _weight_dtype(size.device))
+    return ratios.masked_fill(size == 0, 0.0).sum(-1)
 
 
 def estimate_exact_draws(pilot: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -149,13 +140,9 @@ def auto_temperature_sample(
         draws_made += exact_stats.draws_made
     batch_idx = (~use_exact).nonzero().squeeze(-1)
     if batch_idx.numel():
-        if lazy_draw_fn is not None:
-            got, batch_info = lazy_batch_temperature_sample(
-                lazy_draw_fn(batch_idx.to(contexts.device), num_candidates), temperature, generator
-            )
-        else:
-            candidates = draw_fn(batch_idx.to(contexts.device), num_candidates)  # [C_b, N, K]
-            got, batch_info = batch_temperature_sample(candidates, temperature, generator=generator)
+        got, batch_info = batch_sample(
+            draw_fn, lazy_draw_fn, batch_idx.to(contexts.device), num_candidates, temperature, generator
+        )
         chunks[batch_idx] = got
         draws_made += batch_idx.numel() * num_candidates
     return chunks, AutoSampleInfo(use_exact, estimated, pilot, exact_stats, batch_info, draws_made)

@@ -38,7 +38,7 @@ from calm_lightning.models.calm import CALM
 from calm_lightning.models.token_lm import TokenLM
 from calm_lightning.sampling.auto import AutoSampleInfo
 from calm_lightning.sampling.exact import ExactSampleStats
-from calm_lightning.sampling.lazy import LazyChunks
+from calm_lightning.sampling.lazy import LazyChunks, lazy_candidates
 from calm_lightning.sampling.temperature import (
     SAMPLERS,
     BatchSampleInfo,
@@ -148,8 +148,7 @@ def _sample_next_chunks(
         return model.sample_chunks(hidden.index_select(0, context), num_samples=num, generator=generator)
 
     def lazy_draw(context: torch.Tensor, num: int) -> LazyChunks:  # the same draws, decoded on demand
-        trunk = model.sample_trunks(hidden.index_select(0, context), num_samples=num, generator=generator)
-        return LazyChunks(trunk, model.autoencoder.decode_position)
+        return lazy_candidates(model, hidden.index_select(0, context), num, generator)
 
     chunks, info = temperature_sample(
         draw,

@@ -24,8 +24,11 @@ import torch
 
 from calm_lightning.sampling.temperature import (
     BatchSampleInfo,
+    DrawFn,
+    LazyDrawFn,
     _run_weights,
     _sorted_runs,
+    batch_temperature_sample,
     inverse_temperature,
 )
 
@@ -107,6 +110,27 @@ def lazy_batch_temperature_sample(
     out = chunks.chunks(rows)  # [C, K]
     info = BatchSampleInfo(level, level < s, index, max_count, (size > 0).sum(-1), chunks.N, chunks.decoded)
     return out, info
+
+
+def batch_sample(
+    draw_fn: DrawFn,
+    lazy_draw_fn: LazyDrawFn | None,
+    contexts: torch.Tensor,
+    num_candidates: int,
+    temperature: float,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, BatchSampleInfo]:
+    """The batch sampler over N = ``num_candidates`` draws for each of ``contexts``: lazily decoded when
+    ``lazy_draw_fn`` is given (the same chunks for the same generator), else from ``draw_fn``'s tokens."""
+    if lazy_draw_fn is not None:
+        return lazy_batch_temperature_sample(lazy_draw_fn(contexts, num_candidates), temperature, generator)
+    return batch_temperature_sample(draw_fn(contexts, num_candidates), temperature, generator=generator)
+
+
+def lazy_candidates(model, hidden: torch.Tensor, num: int, generator: torch.Generator | None = None) -> LazyChunks:
+    """``num`` head samples per row of ``hidden`` [P, D] of a CALM, decoded on demand: the same draws as
+    ``model.sample_chunks(hidden, num, generator)``, as ``LazyChunks`` (C = P, N = num)."""
+    return LazyChunks(model.sample_trunks(hidden, num_samples=num, generator=generator), model.autoencoder.decode_position)
 
 
 def lazy_prefix_tokens(chunks: LazyChunks, targets: torch.Tensor, num_positions: int) -> torch.Tensor:

@@ -350,7 +350,7 @@ def temperature_sample(
     """
     from calm_lightning.sampling.auto import auto_temperature_sample  # both build on this module
     from calm_lightning.sampling.exact import exact_temperature_sample
-    from calm_lightning.sampling.lazy import lazy_batch_temperature_sample
+    from calm_lightning.sampling.lazy import batch_sample
 
     s, _, _ = inverse_temperature(temperature)
     if sampler not in SAMPLERS:
@@ -382,7 +382,4 @@ def temperature_sample(
             index_device=index_device,
             lazy_draw_fn=lazy_draw_fn,
         )
-    if lazy_draw_fn is not None:
-        return lazy_batch_temperature_sample(lazy_draw_fn(contexts, num_candidates), temperature, generator)
-    candidates = draw_fn(contexts, num_candidates)  # [C, N, K]
-    return batch_temperature_sample(candidates, temperature, generator=generator)
+    return batch_sample(draw_fn, lazy_draw_fn, contexts, num_candidates, temperature, generator)

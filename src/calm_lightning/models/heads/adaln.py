@@ -18,6 +18,15 @@ def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torc
     return x * (1 + scale) + shift
 
 
+class SharedTimestepSampling:
+    """Mixin for heads that sample through ``AdaLNMLP`` with one timestep per solver step: their FLOPs at
+    sampling are ``param_split(..., sampling=True)`` (the time MLP leaves the per-evaluation count)."""
+
+    @classmethod
+    def sample_param_split(cls, cfg, hidden_size: int, latent_size: int, num_backbone_layers: int) -> tuple[int, int]:
+        return cls.param_split(cfg, hidden_size, latent_size, num_backbone_layers, sampling=True)
+
+
 class AdaLNBlock(nn.Module):
     """x + gate * MLP(LN(x) * (1 + scale) + shift), (shift, scale, gate) = Linear(SiLU(y)); no-affine LN."""
 

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from calm_lightning.models.heads import register_head
-from calm_lightning.models.heads.adaln import AdaLNMLP
+from calm_lightning.models.heads.adaln import AdaLNMLP, SharedTimestepSampling
 from calm_lightning.models.heads.base import GenerativeHead, SweepSetting, resolve_num_blocks
 
 if TYPE_CHECKING:
@@ -154,7 +154,7 @@ def _normal_nll(x, mean, log_var) -> torch.Tensor:
 
 
 @register_head("diffusion")
-class DiffusionHead(GenerativeHead):
+class DiffusionHead(SharedTimestepSampling, GenerativeHead):
     """Cosine-schedule DDPM with epsilon prediction, denoiser = the shared ``AdaLNMLP`` (CALM.md section 3).
 
     Training, each hidden replicated N = cfg.num_samples times with its own posterior sample z, noise eps
@@ -185,12 +185,6 @@ class DiffusionHead(GenerativeHead):
         out = 2 * latent_size if d.learn_sigma else latent_size
         num_blocks = resolve_num_blocks(d.num_blocks, num_backbone_layers)
         return AdaLNMLP.param_split(latent_size, hidden_size, cfg.width or hidden_size, num_blocks, out, sampling)
-
-    @classmethod
-    def sample_param_split(
-        cls, cfg: HeadConfig, hidden_size: int, latent_size: int, num_backbone_layers: int
-    ) -> tuple[int, int]:
-        return cls.param_split(cfg, hidden_size, latent_size, num_backbone_layers, sampling=True)
 
     @classmethod
     def sample_evals(cls, cfg: HeadConfig) -> int:

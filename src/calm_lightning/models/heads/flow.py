@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from calm_lightning.models.heads import register_head
-from calm_lightning.models.heads.adaln import AdaLNMLP
+from calm_lightning.models.heads.adaln import AdaLNMLP, SharedTimestepSampling
 from calm_lightning.models.heads.base import GenerativeHead, SweepSetting, resolve_num_blocks
 
 if TYPE_CHECKING:
@@ -53,7 +53,7 @@ def integrate_flow(velocity: Velocity, x0: torch.Tensor, num_steps: int, solver:
 
 
 @register_head("flow")
-class FlowHead(GenerativeHead):
+class FlowHead(SharedTimestepSampling, GenerativeHead):
     """Rectified flow (CALM.md section 3), velocity net = the shared ``AdaLNMLP``.
 
     Training: x_t = (1 - t) x0 + t x1, x0 ~ N(0, I), x1 = mu + sigma * eps (a posterior sample),
@@ -83,12 +83,6 @@ class FlowHead(GenerativeHead):
         num_blocks = resolve_num_blocks(cfg.flow.num_blocks, num_backbone_layers)
         width = cfg.width or hidden_size
         return AdaLNMLP.param_split(latent_size, hidden_size, width, num_blocks, latent_size, sampling)
-
-    @classmethod
-    def sample_param_split(
-        cls, cfg: HeadConfig, hidden_size: int, latent_size: int, num_backbone_layers: int
-    ) -> tuple[int, int]:
-        return cls.param_split(cfg, hidden_size, latent_size, num_backbone_layers, sampling=True)
 
     @classmethod
     def sample_evals(cls, cfg: HeadConfig) -> int:
