@@ -35,7 +35,8 @@ def test_shapes(K):
     tokens = torch.randint(0, V, (5, K))
     out = ae(tokens)
     assert isinstance(out, AutoencoderOutput)
-    assert out.logits.shape == (5, K, V)
+    assert out.logits is None  # fused_ce (the default) never builds them
+    assert ChunkAutoencoder(tiny_cfg(chunk_size=K, latent_size=4 * K, fused_ce=False))(tokens).logits.shape == (5, K, V)
     assert out.mu.shape == out.log_sigma.shape == out.z.shape == (5, 4 * K)
     assert out.kl_per_dim.shape == (4 * K,)
     for scalar in (out.loss, out.ce, out.kl):
@@ -88,14 +89,20 @@ def test_chunk_clip_gradient_reaches_exactly_the_chunks_above_the_floor():
     assert bool((mu.grad == 0).all())
 
 
-def test_forward_loss_is_ce_plus_beta_clipped_kl():
+def _ce(ae, out, tokens):
+    """The reconstruction CE recomputed from the full logits (z_in = z: eval mode or no latent dropout)."""
+    logits = out.logits if out.logits is not None else ae.decode_logits(out.z)
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, V), tokens.reshape(-1)) * ae.chunk_size
+
+
+@pytest.mark.parametrize("fused_ce", [True, False])
+def test_forward_loss_is_ce_plus_beta_clipped_kl(fused_ce):
     torch.manual_seed(0)
-    cfg = tiny_cfg(beta=0.25, kl_clip=0.3)
+    cfg = tiny_cfg(beta=0.25, kl_clip=0.3, fused_ce=fused_ce)
     ae = ChunkAutoencoder(cfg).eval()
     tokens = torch.randint(0, V - 1, (8, 4))
     out = ae(tokens)
-    K = cfg.chunk_size
-    ce = torch.nn.functional.cross_entropy(out.logits.reshape(-1, V), tokens.reshape(-1)) * K
+    ce = _ce(ae, out, tokens)
     kl = gaussian_kl_per_dim(out.mu, out.log_sigma)  # [B, l]
     kl_per_dim = kl.mean(0)
     torch.testing.assert_close(out.ce, ce)
@@ -107,7 +114,7 @@ def test_forward_loss_is_ce_plus_beta_clipped_kl():
     torch.manual_seed(1)
     out = ae(tokens)
     kl = gaussian_kl_per_dim(out.mu, out.log_sigma)
-    ce = torch.nn.functional.cross_entropy(out.logits.reshape(-1, V), tokens.reshape(-1)) * K
+    ce = _ce(ae, out, tokens)
     torch.testing.assert_close(out.loss, ce + 0.25 * kl.mean(0).clamp_min(0.3).sum())
     torch.testing.assert_close(out.active_dims, (kl.mean(0) > 0.3).float().sum())
     # z is a reparameterised posterior sample
@@ -137,7 +144,7 @@ def _capture_input(module: torch.nn.Module) -> list[torch.Tensor]:
 def test_token_masking_rate_and_eval_off():
     torch.manual_seed(1)
     p = 0.15
-    ae = ChunkAutoencoder(tiny_cfg(token_mask_prob=p))
+    ae = ChunkAutoencoder(tiny_cfg(token_mask_prob=p, latent_dropout=0.0))  # z_in = z: the CE can be recomputed
     seen = _capture_input(ae.embedding)
     tokens = torch.randint(0, V - 1, (4096, 4))  # never the mask id itself
     n = tokens.numel()
@@ -147,8 +154,7 @@ def test_token_masking_rate_and_eval_off():
     frac = (seen[-1] == V - 1).float().mean().item()
     assert abs(frac - p) < 3 * math.sqrt(p * (1 - p) / n)
     # labels stay the originals: the CE is computed against the unmasked tokens
-    ce = torch.nn.functional.cross_entropy(out.logits.reshape(-1, V), tokens.reshape(-1)) * 4
-    torch.testing.assert_close(out.ce, ce)
+    torch.testing.assert_close(out.ce, _ce(ae, out, tokens))
 
     ae.eval()
     ae(tokens)

@@ -23,6 +23,7 @@ from torch import nn
 
 from calm_lightning.models.argmax import projection_argmax
 from calm_lightning.models.config import AutoencoderConfig
+from calm_lightning.models.fused_ce import linear_cross_entropy
 from calm_lightning.models.layers import ResidualSwiGLUBlock, RMSNorm
 
 # log sigma is clamped to this range for numerical stability: exp(2 log sigma) in the KL cannot
@@ -44,7 +45,7 @@ class AutoencoderOutput:
         (nats/chunk; the information actually carried by z).
     kl_per_dim: [l] unclipped KL per latent dimension, averaged over the batch.
     active_dims: scalar, dimensions above the free-bits floor (``active_dims``, same reduction).
-    logits: [B, K, V]; mu, log_sigma: [B, l] (log_sigma clamped by default); z: [B, l] the posterior sample before
+    logits: [B, K, V], or None when ``cfg.fused_ce`` computes the loss without them; mu, log_sigma: [B, l] (log_sigma clamped by default); z: [B, l] the posterior sample before
         latent dropout.
     """
 
@@ -53,7 +54,7 @@ class AutoencoderOutput:
     kl: torch.Tensor
     kl_per_dim: torch.Tensor
     active_dims: torch.Tensor
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     mu: torch.Tensor
     log_sigma: torch.Tensor
     z: torch.Tensor
@@ -234,10 +235,15 @@ class ChunkAutoencoder(nn.Module):
         mu, log_sigma = self.encode(self.mask_tokens(tokens))  # [B, l] each
         z = mu + torch.exp(log_sigma) * torch.randn_like(mu)  # [B, l], reparameterised
         z_in = F.dropout(z, p=self.cfg.latent_dropout, training=self.training)
-        logits = self.decode_logits(z_in)  # [B, K, V]
-
         K = self.chunk_size
-        ce = F.cross_entropy(logits.float().flatten(0, -2), tokens.flatten()) * K  # labels: unmasked ids
+        if self.cfg.fused_ce:  # labels: the unmasked ids
+            states = self.decode_states(z_in).flatten(0, -2)  # [B*K, d]
+            ce_sum, _ = linear_cross_entropy(states, self.embedding.weight, tokens.flatten())
+            ce = ce_sum * (K / tokens.numel())  # summed over a chunk's K tokens, averaged over chunks
+            logits = None
+        else:
+            logits = self.decode_logits(z_in)  # [B, K, V]
+            ce = F.cross_entropy(logits.float().flatten(0, -2), tokens.flatten()) * K
         kl = gaussian_kl_per_dim(mu, log_sigma).flatten(0, -2)  # [B, l] per chunk and dimension
         reduction = self.cfg.kl_clip_reduction
         loss = ce + self.cfg.beta * clipped_kl(kl, self.cfg.kl_clip, reduction)

@@ -35,6 +35,9 @@ class AutoencoderConfig:
     # greedy decoding's argmax: auto (bf16 screen where the CPU has native bf16) | bf16 | fp32 (reference);
     # every setting gives the fp32 argmax's tokens (models/argmax.py)
     argmax_screen: str = "auto"
+    # reconstruction loss: true = output projection + cross-entropy in row chunks (models/fused_ce.py; same loss and
+    # gradients, no [B, K, V] logits tensor, 1.3x fp32 / 3-4x bf16 on that part); false = full logits (reference)
+    fused_ce: bool = True
 
 
 @dataclass
