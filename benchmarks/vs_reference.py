@@ -12,7 +12,8 @@ l=128, N=8, M=100; seeded random weights), converts them with `official.convert_
 sides compute the same function: `benchmarks/results/parity_official.md`) and times, fp32, min and
 median over ``--repeats`` after warm-up:
 
-- autoencoder forward + backward, 8 x 2048 tokens (both in training mode: masking, dropout, KL);
+- autoencoder forward + backward, 8 x 2048 tokens (both in training mode: masking, dropout, KL); again with
+  both under bf16 autocast where the CPU has native bf16 (the kit's ``trainer.precision=auto`` there);
 - CALM-energy training step (forward + backward), 8 x 512 tokens; the kit twice: its default
   shared target noise, and i.i.d. target noise as the reference draws it;
 - BrierLM K=4 validation step (loss + two-sample Brier-1..4), 1 x 512 and 8 x 512: the reference's
@@ -251,6 +252,18 @@ def main() -> int:
 
     if "ae" in sections:
         rows.append(("autoencoder fwd+bwd, 8 x 2048", timed(ref_ae_step, args.repeats), timed(kit_ae_step, args.repeats)))
+        from calm_lightning.utils.hardware import cpu_has_fast_bf16
+
+        if cpu_has_fast_bf16():  # the kit's default precision here (trainer.precision=auto): both under bf16 autocast
+
+            def bf16(step):
+                def run():
+                    with torch.autocast("cpu", dtype=torch.bfloat16):
+                        step()
+                return run
+
+            rows.append(("autoencoder fwd+bwd, 8 x 2048, both bf16 autocast",
+                         timed(bf16(ref_ae_step), args.repeats), timed(bf16(kit_ae_step), args.repeats)))
 
     lm_ids = torch.randint(0, V - 3, (8, 512), generator=g)
     ref.train()
