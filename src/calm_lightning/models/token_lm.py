@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from calm_lightning.models.backbone import INIT_STD, KVCache, Transformer
 from calm_lightning.models.config import BackboneConfig
-from calm_lightning.models.fused_ce import linear_cross_entropy
 
 
 class TokenLM(nn.Module):
@@ -43,11 +43,6 @@ class TokenLM(nn.Module):
         return self.lm_head(h).float()  # [B, T, V]
 
     def loss(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy over the B*(T-1) predicted positions. tokens: [B, T] -> scalar.
-
-        The LM head and the cross-entropy run in row chunks (``fused_ce.linear_cross_entropy``: the loss and
-        gradients of ``F.cross_entropy(self(tokens[:, :-1]) ...)`` without the [B, T-1, V] logits)."""
-        h = self.backbone(self.embed(tokens[:, :-1]))  # [B, T-1, D]
-        targets = tokens[:, 1:].flatten()
-        loss_sum, _ = linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets)
-        return loss_sum / targets.numel()
+        """Mean next-token cross-entropy over the B*(T-1) predicted positions. tokens: [B, T] -> scalar."""
+        logits = self(tokens[:, :-1])  # [B, T-1, V]
+        return F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
