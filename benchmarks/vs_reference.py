@@ -47,6 +47,7 @@ import shared
 import torch
 
 from calm_lightning.official import convert_official
+from calm_lightning.utils.hardware import cpu_has_fast_bf16
 
 RESULTS = Path(__file__).resolve().parent / "results" / "vs_reference.md"
 V, K, LATENT = 8192, 4, 128
@@ -252,8 +253,6 @@ def main() -> int:
 
     if "ae" in sections:
         rows.append(("autoencoder fwd+bwd, 8 x 2048", timed(ref_ae_step, args.repeats), timed(kit_ae_step, args.repeats)))
-        from calm_lightning.utils.hardware import cpu_has_fast_bf16
-
         if cpu_has_fast_bf16():  # the kit's default precision here (trainer.precision=auto): both under bf16 autocast
 
             def bf16(step):

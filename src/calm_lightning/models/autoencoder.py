@@ -45,8 +45,8 @@ class AutoencoderOutput:
         (nats/chunk; the information actually carried by z).
     kl_per_dim: [l] unclipped KL per latent dimension, averaged over the batch.
     active_dims: scalar, dimensions above the free-bits floor (``active_dims``, same reduction).
-    logits: [B, K, V], or None when ``cfg.fused_ce`` computes the loss without them; mu, log_sigma: [B, l] (log_sigma clamped by default); z: [B, l] the posterior sample before
-        latent dropout.
+    logits: [B, K, V], or None when ``cfg.fused_ce`` computes the loss without them.
+    mu, log_sigma: [B, l] (log_sigma clamped by default); z: [B, l] the posterior sample before latent dropout.
     """
 
     loss: torch.Tensor

@@ -4,7 +4,7 @@ The autoencoder's reconstruction loss projects every token state onto a V-row ou
 (V = 8192 here): at 16k tokens the fp32 logits alone are 537 MB, and the unfused path writes them,
 their log-softmax, a zero-filled gradient and the log-softmax gradient, each a full pass over memory
 that costs as much as the projection's matmuls on a 2-core CPU. Here each chunk of rows is projected,
-reduced to its loss and argmax, and (when a gradient is wanted) turned into its logits' gradient
+reduced to its loss (and argmax, on request), and (when a gradient is wanted) turned into its logits' gradient
 softmax - onehot at once, while the chunk is still in cache; the gradients of the states and of the
 output matrix are accumulated chunk by chunk and returned by ``backward`` scaled by the incoming
 gradient. Same matmuls as the unfused path (forward, d states, d weight), no recomputation.
@@ -37,7 +37,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk_rows, compute_dtype, grad_enabled, with_pred):  # noqa: D401 (autograd API)
+    def forward(ctx, h, weight, targets, chunk_rows, compute_dtype, grad_enabled, with_pred):
         want_h = grad_enabled and ctx.needs_input_grad[0]
         want_w = grad_enabled and ctx.needs_input_grad[1]
         with torch.autocast(h.device.type, enabled=False):
