@@ -117,3 +117,23 @@ def test_autoencoder_fused_and_unfused_train_identically():
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_token_lm_loss_equals_the_full_logits_cross_entropy():
+    """TokenLM.loss (chunked LM head + CE) against F.cross_entropy of its forward's logits: value and gradients."""
+    from calm_lightning.models.config import BackboneConfig
+    from calm_lightning.models.token_lm import TokenLM
+
+    torch.manual_seed(0)
+    model = TokenLM(BackboneConfig(n_layers=2, d_model=32, n_heads=2, ffn_size=48, max_seq_len=64), vocab_size=300)
+    tokens = torch.randint(0, 300, (3, 40))
+    model.loss(tokens).backward()
+    fused = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    ref = F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+    ref.backward()
+    model.fused_ce = False  # the switch gives the full-logits expression itself
+    torch.testing.assert_close(model.loss(tokens), ref, rtol=0, atol=0)
+    torch.testing.assert_close(model.loss(tokens).detach(), ref.detach())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(fused[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)

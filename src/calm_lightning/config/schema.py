@@ -53,6 +53,9 @@ class ModelConfig:
     head: HeadConfig = field(default_factory=HeadConfig)
     autoencoder_path: str = "artifacts/autoencoder.pt"  # exported autoencoder used by CALM
     tie_embeddings: bool = False  # token baseline: tie input embedding and LM head
+    # token baseline: LM head + cross-entropy in row chunks (models/fused_ce.py; same loss and gradients);
+    # false = full [B, T, V] logits then F.cross_entropy (as the reference's HF models)
+    fused_ce: bool = True
     # fine-tuning: start from these weights (a run, a .ckpt or, for an autoencoder, an export) with a
     # new optimiser and schedule; every parameter must exist there with the same shape; "" = random init
     init_from: str = ""

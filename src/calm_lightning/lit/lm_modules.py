@@ -126,7 +126,12 @@ class TokenLMLitModule(_LanguageModelLitModule):
         self.model = self.build_model()
 
     def build_model(self) -> TokenLM:
-        return TokenLM(self.cfg.model.backbone, self.hparams.vocab_size, tie_embeddings=self.cfg.model.tie_embeddings)
+        return TokenLM(
+            self.cfg.model.backbone,
+            self.hparams.vocab_size,
+            tie_embeddings=self.cfg.model.tie_embeddings,
+            fused_ce=self.cfg.model.fused_ce,
+        )
 
     def compute_loss(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.loss(tokens)

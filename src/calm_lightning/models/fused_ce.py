@@ -15,6 +15,8 @@ as ``F.cross_entropy(F.linear(h, w).float(), t)`` does under autocast.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 # Rows per chunk: about 2^21 logits (8 MB in fp32), so a chunk's softmax passes stay in cache. Measured on
@@ -30,9 +32,16 @@ def default_chunk_rows(vocab_size: int) -> int:
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     device = x.device.type
-    if torch.is_autocast_enabled(device):
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return x.dtype
+
+
+def _autocast_off(device: str):
+    """Autocast disabled on ``device``; a no-op where the device has no autocast (meta: FLOP counting)."""
+    if torch.amp.is_autocast_available(device):
+        return torch.autocast(device, enabled=False)
+    return contextlib.nullcontext()
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -40,7 +49,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h, weight, targets, chunk_rows, compute_dtype, grad_enabled, with_pred):
         want_h = grad_enabled and ctx.needs_input_grad[0]
         want_w = grad_enabled and ctx.needs_input_grad[1]
-        with torch.autocast(h.device.type, enabled=False):
+        with _autocast_off(h.device.type):
             hc, wc = h.to(compute_dtype), weight.to(compute_dtype)
             n = h.shape[0]
             acc = torch.float64 if compute_dtype == torch.float64 else torch.float32  # softmax / loss dtype

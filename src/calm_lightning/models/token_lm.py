@@ -8,16 +8,19 @@ from torch import nn
 
 from calm_lightning.models.backbone import INIT_STD, KVCache, Transformer
 from calm_lightning.models.config import BackboneConfig
+from calm_lightning.models.fused_ce import linear_cross_entropy
 
 
 class TokenLM(nn.Module):
-    """Next-token language model. With ``tie_embeddings`` the LM head reuses the embedding matrix."""
+    """Next-token language model. With ``tie_embeddings`` the LM head reuses the embedding matrix; with
+    ``fused_ce`` (default) the training loss never materialises the [B, T, V] logits."""
 
-    def __init__(self, cfg: BackboneConfig, vocab_size: int, tie_embeddings: bool = False):
+    def __init__(self, cfg: BackboneConfig, vocab_size: int, tie_embeddings: bool = False, fused_ce: bool = True):
         super().__init__()
         self.cfg = cfg
         self.vocab_size = vocab_size
         self.tie_embeddings = tie_embeddings
+        self.fused_ce = fused_ce
         self.embed = nn.Embedding(vocab_size, cfg.d_model)
         self.backbone = Transformer(cfg)
         self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
@@ -43,6 +46,14 @@ class TokenLM(nn.Module):
         return self.lm_head(h).float()  # [B, T, V]
 
     def loss(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy over the B*(T-1) predicted positions. tokens: [B, T] -> scalar."""
-        logits = self(tokens[:, :-1])  # [B, T-1, V]
-        return F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        """Mean next-token cross-entropy over the B*(T-1) predicted positions. tokens: [B, T] -> scalar.
+
+        The LM head and the cross-entropy run in row chunks (``fused_ce.linear_cross_entropy``: the loss and
+        gradients of ``F.cross_entropy(self(tokens[:, :-1]) ...)`` without the [B, T-1, V] logits); with
+        ``fused_ce=False`` exactly that full-logits expression."""
+        targets = tokens[:, 1:].flatten()
+        if not self.fused_ce:
+            return F.cross_entropy(self(tokens[:, :-1]).flatten(0, 1), targets)
+        h = self.backbone(self.embed(tokens[:, :-1]))  # [B, T-1, D]
+        loss_sum, _ = linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets)
+        return loss_sum / targets.numel()
