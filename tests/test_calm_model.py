@@ -188,3 +188,43 @@ def test_reference_architecture_switches():
     v = [flow.velocity(x, torch.tensor([t]), cond) for t in (0.5001, 0.5009, 0.5011)]
     torch.testing.assert_close(v[0], v[1])
     assert not torch.allclose(v[1], v[2])
+
+
+def _aux_calm(weight: float) -> CALM:
+    torch.manual_seed(0)
+    ae_cfg = AutoencoderConfig(
+        vocab_size=V, chunk_size=K, latent_size=LATENT, d_model=16, ffn_size=32, mask_token_id=V - 1
+    )
+    backbone_cfg = BackboneConfig(n_layers=2, d_model=D, n_heads=4, ffn_size=64, max_seq_len=32)
+    head_cfg = HeadConfig(name="energy", num_samples=2, aux_token_weight=weight)
+    head_cfg.energy.num_target_samples = 4
+    return CALM(backbone_cfg, head_cfg, ChunkAutoencoder(ae_cfg))
+
+
+def test_aux_token_head_is_absent_by_default():
+    """The paper's method: no auxiliary parameters, no aux term, the objective is the head loss itself."""
+    model = _aux_calm(0.0)
+    assert not hasattr(model, "aux_expand") and not hasattr(model, "aux_out")
+    out = model.loss(torch.randint(0, V, (2, 5 * K)))
+    assert out.aux_ce is None and out.objective(model.aux_weight) is out.loss
+
+
+def test_aux_token_loss_is_next_chunk_cross_entropy():
+    """aux_ce = mean CE of chunk j+1's K tokens from h_j (explicit logits), objective = head + w * aux,
+    and its gradient reaches the backbone, not the head; evaluation (no_grad) skips it."""
+    model = _aux_calm(0.5)
+    B, L = 3, 5
+    tokens = torch.randint(0, V, (B, L * K))
+    out = model.loss(tokens)
+    h = model.hidden_states(tokens)[:, :-1]  # [B, L-1, D]: h_0..h_{L-2}
+    logits = model.aux_out(model.aux_expand(h).view(B, L - 1, K, D))  # [B, L-1, K, V]
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, V), tokens[:, K:].reshape(-1))
+    torch.testing.assert_close(out.aux_ce, expected)
+    torch.testing.assert_close(out.objective(0.5), out.loss + 0.5 * expected)
+    model.zero_grad()
+    out.aux_ce.backward()
+    assert model.backbone.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.head.parameters())
+    assert model.embed.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert model.loss(tokens).aux_ce is None

@@ -47,6 +47,8 @@ def test_base_chain_and_overrides(tmp_path):
         (["sampling.temperatures=[1.5]"], "sampling.temperatures[0]: must be in (0, 1]"),
         (["model.head.name=gan"], "model.head.name: must be one of"),
         (["model.head.energy.alpha=2.0"], "model.head.energy.alpha"),
+        (["model.head.aux_token_weight=-0.1"], "model.head.aux_token_weight: must be >= 0"),
+        (["model.head.aux_token_weight=nan"], "model.head.aux_token_weight: must be >= 0"),
         (["optim.schedule=linear"], "optim.schedule: must be one of constant, constant_with_warmup, cosine"),
         (["sampling.sampler=batch", "sampling.temperatures=[0.25]", "sampling.num_candidates=3"], "sampling.num_candidates"),
         (["trainer.max_steps"], "not of the form key=value"),

@@ -57,7 +57,9 @@ def head_cfgs() -> dict[str, HeadConfig]:
         "energy_width48": HeadConfig(name="energy", num_samples=2, width=48),
         "flow": HeadConfig(name="flow", num_samples=2),
         "diffusion_learn_sigma": HeadConfig(name="diffusion", num_samples=2),
+        "energy_aux_tokens": HeadConfig(name="energy", num_samples=3, aux_token_weight=0.5),
     }
+    cfgs["energy_aux_tokens"].energy.num_target_samples = 4
     cfgs["energy"].energy.num_target_samples = 4
     cfgs["energy_width48"].energy.num_target_samples = 4
     cfgs["flow"].flow.num_steps = 2
@@ -145,8 +147,8 @@ def test_calm_params_and_flops_agree_with_counter(name):
     assert sum(t.numel() for t in model.trainable_parameters()) == p.excluding_autoencoder
 
     tokens = torch.randint(0, V, (2, T))
-    train = counted_flops(lambda: model.loss(tokens).loss.backward()) / tokens.numel()
-    # the head and the AE targets run on L - 1 of the L positions
+    train = counted_flops(lambda: model.loss(tokens).objective(model.aux_weight).backward()) / tokens.numel()
+    # the head, the auxiliary token head and the AE targets run on L - 1 of the L positions
     head_and_targets = est.training.dense - 3 * 2 * (p.backbone + p.compression) / K
     expected = est.training.total - head_and_targets / (T // K)
     # The counter also skips norms and biases and, in the backward, the input gradient of the first layer

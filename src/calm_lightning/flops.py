@@ -85,6 +85,7 @@ class ParamCounts:
     backbone: int = 0  # Transformer blocks + final norm
     compression: int = 0  # CALM's input MLP: K*D -> 2D -> D, LayerNorm
     head: int = 0  # CALM's generative head
+    aux_head: int = 0  # CALM's optional auxiliary token head (D -> K*D -> V per token; training only)
     ae_embedding: int = 0  # the autoencoder's (tied) embedding V x d
     ae_encoder: int = 0  # the autoencoder's encoder without the embedding
     ae_decoder: int = 0  # the autoencoder's decoder without the (tied) output matrix
@@ -210,6 +211,21 @@ def token_lm_params(cfg: BackboneConfig, vocab_size: int, tie_embeddings: bool =
     return ParamCounts(embedding=V * D, lm_head=0 if tie_embeddings else D * V, backbone=backbone_params(cfg))
 
 
+def aux_head_params(d_model: int, ae_cfg: AutoencoderConfig, head_cfg: HeadConfig) -> int:
+    """The auxiliary token head's two matrices (K*D x D expansion, V x D output); 0 when it is off."""
+    if getattr(head_cfg, "aux_token_weight", 0.0) <= 0:
+        return 0
+    return ae_cfg.chunk_size * d_model * d_model + ae_cfg.vocab_size * d_model
+
+
+def aux_head_macs_per_token(d_model: int, ae_cfg: AutoencoderConfig, head_cfg: HeadConfig) -> int:
+    """Forward multiply-adds of the auxiliary token head per token: its K*D x D expansion once per chunk
+    (D*D per token) and its V x D output matrix once per token; 0 when it is off."""
+    if getattr(head_cfg, "aux_token_weight", 0.0) <= 0:
+        return 0
+    return d_model * d_model + ae_cfg.vocab_size * d_model
+
+
 def calm_params(backbone_cfg: BackboneConfig, head_cfg: HeadConfig, ae_cfg: AutoencoderConfig) -> ParamCounts:
     """CALM including its frozen autoencoder (``excluding_autoencoder`` is the paper's figure)."""
     D = backbone_cfg.d_model
@@ -219,6 +235,7 @@ def calm_params(backbone_cfg: BackboneConfig, head_cfg: HeadConfig, ae_cfg: Auto
         backbone=backbone_params(backbone_cfg),
         compression=compression_params(D, ae_cfg.chunk_size),
         head=head_params(D, ae_cfg.latent_size, head_cfg, backbone_cfg.n_layers),
+        aux_head=aux_head_params(D, ae_cfg, head_cfg),
         ae_embedding=ae.ae_embedding,
         ae_encoder=ae.ae_encoder,
         ae_decoder=ae.ae_decoder,
@@ -304,7 +321,8 @@ def calm_flops(
 
     Per token (module docstring): the backbone step, input compression, head and attention are
     shared by the K tokens of a chunk; inference adds the AE decoder, training the AE encoder's
-    forward and N = ``head_cfg.num_samples`` head evaluations per position.
+    forward and N = ``head_cfg.num_samples`` head evaluations per position, and the auxiliary token
+    head when it is on (its expansion once per chunk, its output matrix once per token).
     """
     context = backbone_cfg.max_seq_len if context is None else context
     K, D = ae_cfg.chunk_size, backbone_cfg.d_model
@@ -323,6 +341,7 @@ def calm_flops(
     r = TRAIN_FORWARD_RATIO
     training = FlopsPerToken(
         dense=r * 2.0 * (step + head_once + head_evals_per_training_position(head_cfg) * head_eval) / K
+        + r * 2.0 * aux_head_macs_per_token(D, ae_cfg, head_cfg)
         + autoencoder_encode_flops(ae_cfg),
         attention=r * attention,
     )

@@ -6,6 +6,7 @@ reported with its full key, e.g. ``data.block_size``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from calm_lightning.models.config import ARGMAX_SCREENS, AutoencoderConfig, BackboneConfig, HeadConfig
@@ -193,6 +194,8 @@ def validate(cfg: ExperimentConfig) -> list[str]:
     errs += _check(hd.name in HEADS, "model.head.name", f"must be one of {', '.join(sorted(HEADS))}, got {hd.name!r}")
     errs += _check(hd.num_samples >= 2, "model.head.num_samples", f"must be >= 2 (the energy score needs pairs), got {hd.num_samples}")
     errs += _check(hd.norm_eps > 0, "model.head.norm_eps", f"must be > 0, got {hd.norm_eps}")
+    errs += _check(math.isfinite(hd.aux_token_weight) and hd.aux_token_weight >= 0, "model.head.aux_token_weight",
+                   f"must be >= 0 (0 = off, the paper's method), got {hd.aux_token_weight}")
     for head in HEADS.values():  # every section is in the config, so every section is checked
         errs += head.validate(hd)
     o = cfg.optim

@@ -48,12 +48,17 @@ class _LanguageModelLitModule(ShardedGradientClipping, L.LightningModule):
     def loss_name(self) -> str:
         return "loss"
 
+    def training_objective(self, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """What the optimiser minimises, and the parts to log under ``train/`` (default: the loss alone)."""
+        loss = self.compute_loss(tokens)
+        return loss, {self.loss_name: loss}
+
     def training_step(self, batch: torch.Tensor, batch_idx: int):
-        loss = self.compute_loss(batch)
+        loss, parts = self.training_objective(batch)
         if not check_finite(loss, self.global_step, self.cfg.trainer.nan_policy):
             self.log("train/skipped_steps", 1.0, reduce_fx="sum")
             return None
-        self.log(f"train/{self.loss_name}", loss)
+        self.log_dict({f"train/{k}": v for k, v in parts.items()})
         self.log("loss", loss, prog_bar=True, logger=False)
         return loss
 
@@ -96,7 +101,14 @@ class CALMLitModule(_LanguageModelLitModule):
         return CALM(self.cfg.model.backbone, self.cfg.model.head, autoencoder)
 
     def compute_loss(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.model.loss(tokens).loss
+        return self.model.loss(tokens).objective(self.model.aux_weight)
+
+    def training_objective(self, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        out = self.model.loss(tokens)
+        objective = out.objective(self.model.aux_weight)
+        if out.aux_ce is None:
+            return objective, {self.loss_name: out.loss}
+        return objective, {self.loss_name: out.loss, "aux_ce": out.aux_ce, "objective": objective}
 
     def validation_loss(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # one backbone pass for both the loss and the Brier estimate (the reference shares it too)

@@ -17,15 +17,22 @@ from torch import nn
 from calm_lightning.models.autoencoder import ChunkAutoencoder
 from calm_lightning.models.backbone import INIT_STD, KVCache, Transformer
 from calm_lightning.models.config import BackboneConfig, HeadConfig
+from calm_lightning.models.fused_ce import linear_cross_entropy
 from calm_lightning.models.heads import build_head
 
 
 @dataclass
 class CALMOutput:
-    """loss: scalar mean head loss over all B*(L-1) positions; per_position: [B, L-1] float32 losses."""
+    """loss: scalar mean head loss over all B*(L-1) positions; per_position: [B, L-1] float32 losses;
+    aux_ce: the auxiliary next-chunk token cross-entropy (mean per token), None when it is off."""
 
     loss: torch.Tensor
     per_position: torch.Tensor
+    aux_ce: torch.Tensor | None = None
+
+    def objective(self, aux_weight: float) -> torch.Tensor:
+        """What training minimises: the head loss, plus ``aux_weight`` x the auxiliary CE when on."""
+        return self.loss if self.aux_ce is None else self.loss + aux_weight * self.aux_ce
 
 
 class CALM(nn.Module):
@@ -59,11 +66,20 @@ class CALM(nn.Module):
         )
         self.backbone = Transformer(backbone_cfg)
         self.head = build_head(D, self.latent_size, head_cfg, backbone_cfg.n_layers)
+        # Beyond the paper (head_cfg.aux_token_weight > 0): h_j -> K token states -> logits of chunk
+        # j+1's tokens; a direct, low-variance training signal for the backbone. Not built when off.
+        self.aux_weight = float(getattr(head_cfg, "aux_token_weight", 0.0))
+        if self.aux_weight > 0:
+            self.aux_expand = nn.Linear(D, K * D, bias=False)
+            self.aux_out = nn.Linear(D, autoencoder.cfg.vocab_size, bias=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """normal(0, 0.02) embedding and compression linears; the backbone and head initialise themselves."""
         nn.init.normal_(self.embed.weight, mean=0.0, std=INIT_STD)
+        if self.aux_weight > 0:
+            nn.init.normal_(self.aux_expand.weight, mean=0.0, std=INIT_STD)
+            nn.init.normal_(self.aux_out.weight, mean=0.0, std=INIT_STD)
         for module in self.compress:
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
@@ -125,7 +141,17 @@ class CALM(nn.Module):
             log_sigma.float().reshape(P, -1),  # [P, l]
         )  # [P]
         per_position = per.float().view(B, L - 1)
-        return CALMOutput(loss=per_position.mean(), per_position=per_position)
+        aux = self.aux_loss(h[:, :-1], tokens[:, K:]) if self.aux_weight > 0 and torch.is_grad_enabled() else None
+        return CALMOutput(loss=per_position.mean(), per_position=per_position, aux_ce=aux)
+
+    def aux_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean auxiliary CE of the next chunk's K tokens given the states before them.
+
+        hidden: [B, L', D] (h_0..h_{L'-1}); targets: [B, L'*K] (chunks 1..L') -> scalar."""
+        D = hidden.shape[-1]
+        states = self.aux_expand(hidden).reshape(-1, D)  # [B*L'*K, D]: one state per target token
+        loss_sum, _ = linear_cross_entropy(states, self.aux_out.weight, targets.reshape(-1))
+        return loss_sum / targets.numel()
 
     @torch.no_grad()
     def sample_chunks(

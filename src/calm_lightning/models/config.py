@@ -67,6 +67,9 @@ class CommonHeadConfig:
     num_samples: int = 8  # N: head samples per position in the training loss; evaluation draws eval.num_samples (S)
     width: int = 0  # hidden width of the head; 0 = backbone d_model
     norm_eps: float = 1e-5  # eps of the head's LayerNorms (energy and adaLN nets; reference: 1e-6)
+    # beyond the paper: weight of an auxiliary next-chunk token cross-entropy on the backbone state h_j
+    # (CALM.aux_loss; training signal only, sampling and evaluation never use it); 0 = the paper's method
+    aux_token_weight: float = 0.0
 
 
 def __getattr__(name: str):
