@@ -284,3 +284,31 @@ def test_calm_validation_step_shares_one_backbone_pass_with_the_brier_estimate(t
         module.validation_step(batch, 0)
     assert {k: float(v) for k, v in module.brier.compute().items()} == {k: float(v) for k, v in separate.items()}
     assert shared is None or torch.equal(shared, module.brier.sums)
+
+
+def test_calm_training_objective_adds_the_weighted_aux_ce_and_logs_its_parts(tiny_calm_run):
+    """model.head.aux_token_weight = w: the optimiser sees head loss + w * aux CE, and train/head_loss stays the
+    head loss alone (comparable with runs without it); validation's loss is the head loss only."""
+    import copy
+
+    from calm_lightning.checkpoints import read_checkpoint
+    from calm_lightning.lit.lm_modules import CALMLitModule
+
+    ckpt = read_checkpoint(tiny_calm_run.checkpoint)
+    config = copy.deepcopy(ckpt.hparams["config"])
+    config["model"]["head"]["aux_token_weight"] = 0.5
+    module = CALMLitModule(config, ckpt.hparams["autoencoder_config"])
+    batch = torch.randint(0, 200, (2, 32), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    objective, parts = module.training_objective(batch)
+    assert set(parts) == {"head_loss", "aux_ce", "objective"}
+    torch.testing.assert_close(objective, parts["head_loss"] + 0.5 * parts["aux_ce"])
+    torch.manual_seed(0)
+    torch.testing.assert_close(module.model.loss(batch).loss, parts["head_loss"])
+    with torch.no_grad():
+        torch.manual_seed(1)
+        val_loss, _ = module.validation_loss(batch)
+        torch.manual_seed(1)
+        torch.testing.assert_close(val_loss, module.model.loss(batch).loss)  # no aux term in validation
+    off, off_parts = CALMLitModule(ckpt.hparams["config"], ckpt.hparams["autoencoder_config"]).training_objective(batch)
+    assert set(off_parts) == {"head_loss"}
