@@ -213,7 +213,7 @@ def token_lm_params(cfg: BackboneConfig, vocab_size: int, tie_embeddings: bool =
 
 def aux_head_params(d_model: int, ae_cfg: AutoencoderConfig, head_cfg: HeadConfig) -> int:
     """The auxiliary token head's two matrices (K*D x D expansion, V x D output); 0 when it is off."""
-    if getattr(head_cfg, "aux_token_weight", 0.0) <= 0:
+    if head_cfg.aux_token_weight <= 0:
         return 0
     return ae_cfg.chunk_size * d_model * d_model + ae_cfg.vocab_size * d_model
 
@@ -221,7 +221,7 @@ def aux_head_params(d_model: int, ae_cfg: AutoencoderConfig, head_cfg: HeadConfi
 def aux_head_macs_per_token(d_model: int, ae_cfg: AutoencoderConfig, head_cfg: HeadConfig) -> int:
     """Forward multiply-adds of the auxiliary token head per token: its K*D x D expansion once per chunk
     (D*D per token) and its V x D output matrix once per token; 0 when it is off."""
-    if getattr(head_cfg, "aux_token_weight", 0.0) <= 0:
+    if head_cfg.aux_token_weight <= 0:
         return 0
     return d_model * d_model + ae_cfg.vocab_size * d_model
 

@@ -101,7 +101,7 @@ class CALMLitModule(_LanguageModelLitModule):
         return CALM(self.cfg.model.backbone, self.cfg.model.head, autoencoder)
 
     def compute_loss(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.model.loss(tokens).objective(self.model.aux_weight)
+        return self.training_objective(tokens)[0]
 
     def training_objective(self, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = self.model.loss(tokens)

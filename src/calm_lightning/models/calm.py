@@ -68,7 +68,7 @@ class CALM(nn.Module):
         self.head = build_head(D, self.latent_size, head_cfg, backbone_cfg.n_layers)
         # Beyond the paper (head_cfg.aux_token_weight > 0): h_j -> K token states -> logits of chunk
         # j+1's tokens; a direct, low-variance training signal for the backbone. Not built when off.
-        self.aux_weight = float(getattr(head_cfg, "aux_token_weight", 0.0))
+        self.aux_weight = float(head_cfg.aux_token_weight)
         if self.aux_weight > 0:
             self.aux_expand = nn.Linear(D, K * D, bias=False)
             self.aux_out = nn.Linear(D, autoencoder.cfg.vocab_size, bias=False)
