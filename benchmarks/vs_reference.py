@@ -31,8 +31,12 @@ median over ``--repeats`` after warm-up:
   weights differ, the work does not): training step 8 x 512, and sampling 16 x 200 latents with 10
   midpoint steps (flow) and 100 ancestral steps (diffusion).
 
-Ratio = reference time / kit time (> 1: the kit is faster). Results are appended to
-``benchmarks/results/vs_reference.md``.
+Ratio = reference time / kit time (> 1: the kit is faster). Each row also gives the matmul FLOPs of
+one call on each side (torch's ``FlopCounterMode``: matmuls and attention, no elementwise work), each
+side's share of the matmul peak measured in the same run (fp32, and bf16 for the bf16 rows), and the
+ceiling ratio: reference time over the kit's FLOPs at 100% of that peak, i.e. the most the kit could
+gain without doing less work. Where the ceiling is below 2 at equal configuration, a 2x target needs
+less work, not a faster kernel. Results are appended to ``benchmarks/results/vs_reference.md``.
 """
 
 from __future__ import annotations
@@ -76,8 +80,15 @@ def tokenizer_json(path: Path) -> None:
 WARMUP = 2  # untimed calls before each timing (--warmup)
 
 
-def timed(fn, repeats: int) -> tuple[float, float]:
-    return shared.timed(fn, repeats, WARMUP)
+def timed(fn, repeats: int) -> tuple[float, float, float]:
+    """(min s, median s, matmul FLOPs of one call): the FLOPs counted by torch's FlopCounterMode on one
+    extra, untimed call (matmuls and attention only; elementwise work is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    t_min, t_med = shared.timed(fn, repeats, WARMUP)
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return t_min, t_med, float(counter.get_total_flops())
 
 
 def build(ref_repo: Path, tmp: Path):
@@ -228,6 +239,9 @@ def main() -> int:
     WARMUP = args.warmup
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    peaks = {"fp32": shared.matmul_flops(2048, 7, torch.float32, torch.device("cpu"))[0]}
+    if cpu_has_fast_bf16():
+        peaks["bf16"] = shared.matmul_flops(2048, 7, torch.bfloat16, torch.device("cpu"))[0]
     from calm_lightning.metrics.estimators import estimate_brier
 
     rows = []
@@ -318,10 +332,19 @@ def main() -> int:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"## {stamp}: {platform.processor() or platform.machine()}, {args.threads} thread(s), fp32, "
              f"torch {torch.__version__}, transformers {transformers.__version__}, min/median of {args.repeats}", "",
-             "| path | reference ms (min / median) | kit ms (min / median) | ratio ref/kit (min) |", "|---|---|---|---|"]
-    for name, (rmin, rmed), (kmin, kmed) in rows:
-        lines.append(f"| {name} | {rmin * 1e3:.1f} / {rmed * 1e3:.1f} | {kmin * 1e3:.1f} / {kmed * 1e3:.1f} | {rmin / kmin:.2f} |")
-    text = "\n".join(lines) + "\n" + (f"\n{check}\n" if check else "")
+             "| path | reference ms (min / median) | kit ms (min / median) | ratio ref/kit (min) "
+             "| matmul GFLOP ref / kit | % of matmul peak ref / kit | ceiling ratio |", "|---|---|---|---|---|---|---|"]
+    for name, (rmin, rmed, rflop), (kmin, kmed, kflop) in rows:
+        peak = peaks["bf16" if "bf16" in name else "fp32"]
+        ceiling = rmin / (kflop / peak) if kflop else float("inf")
+        lines.append(f"| {name} | {rmin * 1e3:.1f} / {rmed * 1e3:.1f} | {kmin * 1e3:.1f} / {kmed * 1e3:.1f} | {rmin / kmin:.2f} "
+                     f"| {rflop / 1e9:.1f} / {kflop / 1e9:.1f} | {100 * rflop / rmin / peak:.0f} / {100 * kflop / kmin / peak:.0f} "
+                     f"| {ceiling:.2f} |")
+    peak_line = ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items())
+    text = ("\n".join(lines) + "\n" + (f"\n{check}\n" if check else "")
+            + f"\nmatmul peak ({args.threads} threads, best 2048^3 product): {peak_line}. Ceiling ratio = reference "
+            "time / the kit's counted FLOPs at that peak: the ratio the kit would reach at 100% of the peak "
+            "with the work it does now.\n")
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     header = "" if args.out.exists() else "# The kit against the reference implementation (benchmarks/vs_reference.py)\n\n"

@@ -102,3 +102,33 @@ def test_auto_entry_point_and_pilot_size(monkeypatch):
     monkeypatch.setattr(auto, "EXACT_FIXED", float("inf"))  # exact never predicted cheaper
     _, info = temperature_sample(sampler, 4, 0.5, "auto", num_candidates=20)
     assert not bool(info.exact.any()) and info.exact_stats is None and info.batch_info.num_candidates == 20
+
+
+def test_lazy_pilot_decides_and_samples_as_the_full_one():
+    """With ``lazy_draw_fn`` the pilot is decoded lazily (sampling/lazy.py): the same draws must give the
+    same estimates, the same routing and the same chunks as full decoding, with fewer positions decoded.
+    Peaked and flat contexts, so both samplers run."""
+    from test_sampling_lazy import fake_lazy
+
+    peaked = torch.zeros(1000, dtype=torch.float64)
+    peaked[:3] = torch.tensor([0.7, 0.2, 0.1])
+    flat = torch.full((1000,), 1e-3, dtype=torch.float64)
+    probs = torch.stack([peaked, flat] * 8)
+    outcomes = torch.stack([torch.arange(1000) % 7, torch.arange(1000) // 7, torch.arange(1000) % 3], dim=-1)
+    outcomes = outcomes.expand(16, 1000, 3)  # 3-token chunks that share first tokens: lazy must look further
+    full_sampler, lazy_sampler = ToyChunkSampler(probs, outcomes, seed=4), ToyChunkSampler(probs, outcomes, seed=4)
+    pilots = []
+
+    def lazy_draw(idx, num):
+        chunks = fake_lazy(lazy_sampler(idx, num))
+        pilots.append(chunks)
+        return chunks
+
+    full, full_info = auto_temperature_sample(full_sampler, 16, 0.5, num_candidates=200,
+                                              generator=torch.Generator().manual_seed(8))
+    lazy, lazy_info = auto_temperature_sample(lazy_sampler, 16, 0.5, num_candidates=200,
+                                              generator=torch.Generator().manual_seed(8), lazy_draw_fn=lazy_draw)
+    assert torch.equal(lazy_info.estimated_draws, full_info.estimated_draws)
+    assert lazy_info.exact.tolist() == full_info.exact.tolist() == [True, False] * 8
+    assert torch.equal(lazy, full) and lazy_info.draws_made == full_info.draws_made
+    assert 16 * 16 <= pilots[0].decoded < 16 * 16 * 3  # the pilot: fewer positions than a full decode

@@ -21,7 +21,9 @@ sends each context to whichever sampler is predicted cheaper:
 - both samplers then draw *fresh* samples: the pilot only decides. Reusing the pilot's draws would
   make the chosen sampler's input depend on the choice (a selection bias); fresh draws keep each
   sampler's output distribution exactly what it is alone (exact: P^(1/T) / Z_T up to its cap;
-  batch: its documented approximation). The pilot costs m draws (m / N of the batch cost).
+  batch: its documented approximation). The pilot costs m draws (m / N of the batch cost); where the
+  caller passes ``lazy_draw_fn`` (generation does) the pilot is decoded lazily too, since the estimate
+  reads only repeat counts: on a flat distribution one position per pilot draw instead of K.
 
 So ``auto`` is never far above batch's cost (pilot) and far below it when the distribution is
 peaked, and wherever it chooses exact its samples are exact rather than approximate.
@@ -35,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from calm_lightning.sampling.exact import ExactSampleStats, exact_temperature_sample
-from calm_lightning.sampling.lazy import batch_sample
+from calm_lightning.sampling.lazy import LazyChunks, batch_sample, lazy_chunk_counts
 from calm_lightning.sampling.temperature import (
     BatchSampleInfo,
     DrawFn,
@@ -52,27 +54,38 @@ EXACT_FIXED = 8
 DEFAULT_PILOT = 16
 
 
-def estimate_power_sum(pilot: torch.Tensor, s: float) -> torch.Tensor:
-    """Estimate sum_x P(x)^s per context from m i.i.d. draws. pilot: [C, m, K] -> float64 [C].
+def pilot_counts(pilot: torch.Tensor | LazyChunks) -> torch.Tensor:
+    """Run lengths of each context's equal pilot chunks: [C, m] (0 = unused run id), from tokens
+    [C, m, K] or from lazily decoded candidates (``lazy_chunk_counts``: the same lengths, fewer decodes)."""
+    if isinstance(pilot, LazyChunks):
+        return lazy_chunk_counts(pilot)[1]
+    return _sorted_runs(pilot, stable=False)[2]
+
+
+def estimate_power_sum(pilot: torch.Tensor | LazyChunks, s: float, counts: torch.Tensor | None = None) -> torch.Tensor:
+    """Estimate sum_x P(x)^s per context from m i.i.d. draws. pilot: [C, m, K] (or ``LazyChunks``) -> float64 [C].
 
     sum over distinct chunks of C(c, s) / C(m, s): the batch sampler's weight ratios with m as the
     largest count (level s, no fallback since m >= s); needs m >= s (else every estimate is 0).
+    ``counts``: ``pilot_counts(pilot)`` when the caller already has them.
     """
-    m = pilot.shape[1]
+    size = pilot_counts(pilot) if counts is None else counts  # [C, m]
+    m = size.shape[1]
     if m < s:
-        return torch.zeros(pilot.shape[0], dtype=torch.float64, device=pilot.device)
-    _, _, size = _sorted_runs(pilot, stable=False)  # [C, m] run lengths, 0 = unused run id
+        return torch.zeros(size.shape[0], dtype=torch.float64, device=size.device)
     top = torch.full_like(size[:, :1], m)
     ratios = _relative_weights(size, top, m, s, size.device, _weight_dtype(size.device))
     return ratios.masked_fill(size == 0, 0.0).sum(-1)
 
 
-def estimate_exact_draws(pilot: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Pilot estimate of the exact sampler's expected draws per context. pilot: [C, m, K] -> float64 [C]
-    (inf where no pilot chunk repeated floor(1/T) times, i.e. the estimated sum P^s is 0)."""
+def estimate_exact_draws(pilot: torch.Tensor | LazyChunks, temperature: float) -> torch.Tensor:
+    """Pilot estimate of the exact sampler's expected draws per context. pilot: [C, m, K] (or
+    ``LazyChunks``) -> float64 [C] (inf where no pilot chunk repeated floor(1/T) times, i.e. the
+    estimated sum P^s is 0)."""
     s, n, a = inverse_temperature(temperature)
-    z = estimate_power_sum(pilot, s)
-    extra = estimate_power_sum(pilot, s - 1) if a > 0 else torch.zeros_like(z)
+    counts = pilot_counts(pilot)  # grouped once for both power sums
+    z = estimate_power_sum(pilot, s, counts)
+    extra = estimate_power_sum(pilot, s - 1, counts) if a > 0 else torch.zeros_like(z)
     return torch.where(z > 0, (n + extra) / z.clamp_min(1e-300), torch.full_like(z, float("inf")))
 
 
@@ -118,11 +131,13 @@ def auto_temperature_sample(
     s, _, _ = inverse_temperature(temperature)
     pilot = max(int(pilot), math.ceil(s))  # fewer than s draws cannot show s equal ones
     contexts = torch.arange(num_contexts, device=index_device)
-    sample = draw_fn(contexts, pilot)  # [C, m, K]
+    # The pilot only needs its chunks' repeat counts: decoded lazily where possible (same counts)
+    sample = draw_fn(contexts, pilot) if lazy_draw_fn is None else lazy_draw_fn(contexts, pilot)
     estimated = estimate_exact_draws(sample, temperature)  # [C]
     use_exact = EXACT_OVERHEAD * estimated + EXACT_FIXED <= num_candidates  # [C] on the draws' device
-    chunks = sample.new_zeros(num_contexts, sample.shape[-1])
-    draws_made = sample.shape[0] * sample.shape[1]
+    chunk_size = sample.K if isinstance(sample, LazyChunks) else sample.shape[-1]
+    chunks = torch.zeros(num_contexts, chunk_size, dtype=torch.long, device=estimated.device)
+    draws_made = num_contexts * pilot
     exact_stats = batch_info = None
 
     exact_idx = use_exact.nonzero().squeeze(-1)
