@@ -134,8 +134,32 @@ def test_screen_gives_up_after_a_losing_probe(monkeypatch):
     assert 3000 - argmax_module._PROBE_ROWS < stats["rechecked"] < 3000
     monkeypatch.setattr(argmax_module, "_MAX_RECHECK", 1.0)  # never give up: only the unsure rows
     stats = {}
-    projection_argmax(h, weight, "bf16", stats)
+    projection_argmax(h, weight.clone(), "bf16", stats)  # a new tensor: no backoff from the lost probe
     assert stats["rechecked"] < 3000 - argmax_module._PROBE_ROWS
+
+
+def test_losing_probes_back_off_across_calls_and_a_winning_one_resets():
+    """After f losing probes in a row on one weight the next 2^f calls skip the screen (every row in
+    fp32: re-checked == rows), a winning probe resets f; the tokens are the fp32 argmax throughout.
+    Flat rows: h random against a small random weight; wide rows: h along one vocabulary vector."""
+    g = torch.Generator().manual_seed(8)
+    weight = torch.randn(2048, 64, generator=g) * 0.02
+    flat = torch.randn(600, 64, generator=g)
+    wide = 50 * weight[torch.randint(0, 2048, (600,), generator=g)]
+
+    def screened(h) -> bool:  # one call; True where the screen ran (some rows kept their bf16 token)
+        stats = {}
+        assert torch.equal(projection_argmax(h, weight, "bf16", stats), F.linear(h, weight).argmax(-1))
+        return stats["rechecked"] < stats["rows"]
+
+    assert screened(flat)  # a losing probe still keeps its few safe rows
+    ran = [screened(flat) for _ in range(2 + 1 + 4 + 1)]
+    assert ran == [False, False, True, False, False, False, False, True]  # skip 2, probe, skip 4, probe
+    assert [screened(flat) for _ in range(8)] == [False] * 8  # skip 8 after the third loss
+    while not screened(wide):  # the skips run out, then the wide rows' probe wins
+        pass
+    assert screened(wide) and screened(flat)  # a win: f = 0, so the next loss skips only 2
+    assert [screened(flat) for _ in range(3)] == [False, False, True]
 
 
 def test_cached_bf16_weight_follows_in_place_updates_and_new_tensors():

@@ -20,6 +20,11 @@ same fp32 projection, so the result equals ``F.linear(h, w).argmax(-1)`` row by 
 The screen pays only where margins are wide (trained decoders); on near-flat logits (random weights)
 most rows need the fp32 pass. So the first ``_PROBE_ROWS`` rows are screened as a probe, and if more
 than ``_MAX_RECHECK`` of them needed fp32, the remaining rows skip the screen (same tokens either way).
+A losing probe also backs off across calls on the same weight: after f losing probes in a row the next
+min(2^f, ``_MAX_BACKOFF``) calls go straight to fp32, and one winning probe resets f. Decoding calls come
+in long runs on one decoder (a generation step decodes a few hundred rows), so on a decoder whose
+margins are narrow the probe's wasted bf16 pass stops costing ~1/3 of every call; on one whose margins
+are wide nothing changes. The tokens never depend on this (both paths give the fp32 argmax).
 
 ``screen="fp32"``: the plain fp32 projection + argmax (the reference code's decoding).
 ``screen="auto"``: bf16 on CPUs with native bf16 (``cpu_has_fast_bf16``), fp32 elsewhere: emulated
@@ -44,7 +49,8 @@ _PROBE_ROWS = 512  # the first tile: if more than _MAX_RECHECK of it needs fp32,
 _MAX_RECHECK = 0.25  # bf16 pass ~0.65x the fp32 one here, so past ~30% re-checked rows the screen loses
 _ABS_SLACK = 1e-30  # products flushed to zero by FTZ/DAZ (each < 2^-126) summed over d <= 2^16
 _MIN_ROWS = 64  # fewer rows (a generation step at T = 1): the fp32 projection is cheap, skip the screen
-_BF16_WEIGHTS: dict = {}  # "entry" -> (weak ref to the weight, its version, bf16 copy, max row norm)
+_MAX_BACKOFF = 64  # most calls in a row that skip the screen after losing probes
+_BF16_WEIGHTS: dict = {}  # "entry" -> (weak ref to the weight, its version, bf16 copy, max row norm, backoff)
 
 
 def error_coefficient(d: int) -> float:
@@ -61,18 +67,20 @@ def resolve_screen(screen: str, device: torch.device) -> str:
     return "bf16" if device.type == "cpu" and cpu_has_fast_bf16() else "fp32"
 
 
-def _bf16_weight(weight: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """bf16 copy of ``weight`` and its largest row norm, cached while it is the same tensor object
+def _bf16_weight(weight: torch.Tensor) -> tuple[torch.Tensor, float, dict]:
+    """bf16 copy of ``weight``, its largest row norm and its probe backoff state (``losses``: losing
+    probes in a row, ``skip``: calls left that skip the screen), cached while it is the same tensor object
     (held by a weak reference, so a new tensor at a recycled address never hits) at the same version
-    (an in-place update, e.g. ``load_state_dict`` or an optimizer step, bumps it). One entry: decoding
-    uses one matrix."""
+    (an in-place update, e.g. ``load_state_dict`` or an optimizer step, bumps it; the backoff restarts).
+    One entry: decoding uses one matrix."""
     hit = _BF16_WEIGHTS.get("entry")
     if hit is not None and hit[0]() is weight and hit[1] == weight._version:
-        return hit[2], hit[3]
+        return hit[2], hit[3], hit[4]
     with torch.no_grad():
         copy, norm = weight.detach().to(torch.bfloat16), float(weight.detach().norm(dim=-1).max())
-    _BF16_WEIGHTS["entry"] = (weakref.ref(weight), weight._version, copy, norm)
-    return copy, norm
+    backoff = {"losses": 0, "skip": 0}
+    _BF16_WEIGHTS["entry"] = (weakref.ref(weight), weight._version, copy, norm, backoff)
+    return copy, norm, backoff
 
 
 def projection_argmax(
@@ -89,7 +97,13 @@ def projection_argmax(
         return F.linear(h, weight).argmax(-1)
     lead, d = h.shape[:-1], h.shape[-1]
     flat = h.reshape(-1, d)
-    weight_bf16, max_norm = _bf16_weight(weight)
+    weight_bf16, max_norm, backoff = _bf16_weight(weight)
+    if backoff["skip"] > 0:  # recent probes on this weight lost: fp32 straight away
+        backoff["skip"] -= 1
+        if stats is not None:
+            stats["rows"] = stats.get("rows", 0) + flat.shape[0]
+            stats["rechecked"] = stats.get("rechecked", 0) + flat.shape[0]
+        return F.linear(h, weight).argmax(-1)
     bound = 2 * error_coefficient(d) * max_norm  # per unit ||h||
     out = torch.empty(flat.shape[0], dtype=torch.long, device=h.device)
     unsure = []
@@ -102,9 +116,13 @@ def projection_argmax(
         out[start : start + rows.shape[0]] = top.indices[:, 0]
         unsure.append((~safe).nonzero().squeeze(-1) + start)
         start += rows.shape[0]
-        if start == rows.shape[0] and unsure[0].numel() > _MAX_RECHECK * rows.shape[0]:  # the probe lost
-            out[start:] = F.linear(flat[start:], weight).argmax(-1)  # the rest in fp32, no gather
-            break
+        if start == rows.shape[0]:  # the probe
+            if unsure[0].numel() > _MAX_RECHECK * rows.shape[0]:  # lost: the rest in fp32, no gather
+                backoff["losses"] += 1
+                backoff["skip"] = min(2 ** backoff["losses"], _MAX_BACKOFF)
+                out[start:] = F.linear(flat[start:], weight).argmax(-1)
+                break
+            backoff["losses"] = 0
         tile = _ROW_TILE
     recheck = torch.cat(unsure)
     if recheck.numel():
