@@ -149,7 +149,7 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--bf16", action="store_true", help="also time bf16 autocast")
-    p.add_argument("--compile", action="store_true", help="also time torch.compile-d fp32 steps")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile-d steps (fp32, and bf16 with --bf16)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
@@ -169,7 +169,8 @@ def main(argv=None) -> dict:
                                                   "ar": "ar_baseline.yaml"}[kind])
         tokens = torch.randint(4, args.vocab, (exp.data.batch_size, exp.data.block_size))
         flops = training_flops_per_token(model, seq_len=exp.data.block_size)
-        variants = [(False, False)] + [(True, False)] * args.bf16 + [(False, True)] * args.compile
+        variants = ([(False, False)] + [(True, False)] * args.bf16 + [(False, True)] * args.compile
+                    + [(True, True)] * (args.bf16 and args.compile))
         for bf16, compiled in variants:
             times = time_steps(kind, model, tokens, bf16, args.repeats, compiled)
             med = statistics.median(times)
