@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from records import append_record
+from records import append_record, cpu_model
 from shared import matmul_flops
 
 from calm_lightning.config.loader import load_config
@@ -157,7 +157,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     record = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.processor() or platform.machine(),
-              "torch": torch.__version__, "threads": torch.get_num_threads(), "cases": []}
+              "cpu": cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads(), "cases": []}
     peaks = {"32-true": matmul_peak(torch.float32, 2048, args.repeats + 2)}
     if args.bf16:
         peaks["bf16-mixed"] = matmul_peak(torch.bfloat16, 1024, args.repeats + 2)

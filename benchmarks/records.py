@@ -11,6 +11,20 @@ from typing import Any
 import torch
 
 
+def cpu_model() -> str:
+    """The CPU's model name and whether it has native bf16 (the two facts that decide its matmul peaks)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    lines = info.splitlines()
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                 platform.machine())
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    native = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+    return f"{model} ({', '.join(native) if native else 'no native bf16'})"
+
+
 def record_header(benchmark: str) -> dict[str, Any]:
     return {
         "benchmark": benchmark,
@@ -18,6 +32,7 @@ def record_header(benchmark: str) -> dict[str, Any]:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
     }
 
 

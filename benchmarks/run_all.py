@@ -1,17 +1,18 @@
 """`make bench`: run every benchmark in turn (never in parallel) and write benchmarks/RESULTS.md.
 
 Each benchmark appends a JSON record to benchmarks/results/<name>.json; RESULTS.md shows the latest
-record of each. Run it on an otherwise idle machine: the figures are wall-clock times.
+record of each (`run_all.py --summary-only` rewrites RESULTS.md without running anything). Run it on an otherwise idle machine: the figures are wall-clock times.
 """
 
 from __future__ import annotations
 
 import json
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from records import cpu_model
 
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = {"train": ["bench_train.py", "--bf16", "--compile"], "brier": ["bench_brier.py"], "temperature": ["bench_temperature.py"],
@@ -20,31 +21,31 @@ BENCHMARKS = {"train": ["bench_train.py", "--bf16", "--compile"], "brier": ["ben
 
 
 def machine() -> str:
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
     import lightning
     import torch
 
-    return (f"{model}; torch {torch.__version__}, lightning {lightning.__version__}, "
+    return (f"{cpu_model()}; torch {torch.__version__}, lightning {lightning.__version__}, "
             f"{torch.get_num_threads()} threads; {time.strftime('%Y-%m-%d %H:%M')}")
 
 
 def main() -> int:
-    only = sys.argv[1:] or list(BENCHMARKS)
+    args = sys.argv[1:]
+    summary_only = "--summary-only" in args  # rewrite RESULTS.md from the records, run nothing
+    only = [] if summary_only else (args or list(BENCHMARKS))
     for name in only:
         print(f"== {name}", flush=True)
         subprocess.run([sys.executable, str(HERE / BENCHMARKS[name][0]), *BENCHMARKS[name][1:]], check=True)
-    lines = ["# Benchmark results", "", f"Machine: {machine()}", "",
-             "Latest record of each benchmark (min / median over repetitions; see results/*.json for history).", ""]
+    lines = ["# Benchmark results", "", f"Written on: {machine()}", "",
+             "Latest record of each benchmark (min / median over repetitions; see results/*.json for history). "
+             "Each section names the date and CPU of its own record, which may predate this machine.", ""]
     for name in BENCHMARKS:
         path = HERE / "results" / f"{name}.json"
         if not path.exists():
             continue
         latest = json.loads(path.read_text())[-1]
-        lines += [f"## {name}", "", "```json", json.dumps(latest, indent=1), "```", ""]
+        when = latest.get("time") or latest.get("date", "date not recorded")
+        where = latest.get("cpu") or latest.get("device") or f"{latest.get('machine', '?')}, CPU model not recorded"
+        lines += [f"## {name}", "", f"Recorded {when} on {where}.", "", "```json", json.dumps(latest, indent=1), "```", ""]
     (HERE / "RESULTS.md").write_text("\n".join(lines))
     print(f"wrote {HERE / 'RESULTS.md'}")
     return 0

@@ -49,6 +49,7 @@ from pathlib import Path
 
 import shared
 import torch
+from records import cpu_model
 
 from calm_lightning.official import convert_official
 from calm_lightning.utils.hardware import cpu_has_fast_bf16
@@ -325,12 +326,10 @@ def main() -> int:
     if "heads" in sections:
         rows += head_rows(pairs, lm_ids, hidden, args.repeats)
 
-    import platform
-
     import transformers
 
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [f"## {stamp}: {platform.processor() or platform.machine()}, {args.threads} thread(s), fp32, "
+    lines = [f"## {stamp}: {cpu_model()}, {args.threads} thread(s), fp32, "
              f"torch {torch.__version__}, transformers {transformers.__version__}, min/median of {args.repeats}", "",
              "| path | reference ms (min / median) | kit ms (min / median) | ratio ref/kit (min) "
              "| matmul GFLOP ref / kit | % of matmul peak ref / kit | ceiling ratio |", "|---|---|---|---|---|---|---|"]
