@@ -41,11 +41,11 @@ compare-heads: $(STAMP) artifacts/autoencoder.pt ## Train CALM with the energy, 
 		$(CALM) train experiments/compare/heads_$$head.yaml logging.resume=true $(ARGS) || exit 1; done
 	$(CALM) compare runs/heads_energy runs/heads_flow runs/heads_diffusion --out runs/compare_heads --limit-batches 8
 
-compare-k: $(STAMP) ## Train an autoencoder and CALM-energy per K in 1,2,4,8 and the token baseline, then compare (~73 min on 2 cores)
+compare-k: $(STAMP) ## Train an autoencoder and CALM-energy per K in 1,2,4,8 and the token baseline, then compare (~60 min on 2 cores)
 	for k in 1 2 4 8; do $(CALM) train experiments/compare/ae_k$$k.yaml logging.resume=true $(ARGS) || exit 1; done
 	for k in 1 2 4 8; do $(CALM) train experiments/compare/calm_k$$k.yaml logging.resume=true $(ARGS) || exit 1; done
 	$(CALM) train experiments/compare/k_ar_baseline.yaml logging.resume=true $(ARGS)
-	$(CALM) compare runs/calm_k1 runs/calm_k2 runs/calm_k4 runs/calm_k8 runs/k_ar_baseline --out runs/compare_k
+	$(CALM) compare runs/calm_k1 runs/calm_k2 runs/calm_k4 runs/calm_k8 runs/k_ar_baseline --out runs/compare_k --limit-batches 8
 
 ABLATION_AES := ae_l128 ae_l64 ae_l32 ae_1000 ae_beta1e-2 ae_beta1e-4
 ABLATIONS := base base_s7 n4 n16 m16 head_blocks2 head_blocks3 head_width512 lr3e-4 lr2e-3 warmup0 batch32 l64 l64_s7 l32 ae1000 l64_aux1 l64_aux3 l64_beta1e-2 l64_beta1e-4 l64_aux1_beta1e-4
