@@ -41,7 +41,7 @@ compare-heads: $(STAMP) artifacts/autoencoder.pt ## Train CALM with the energy, 
 		$(CALM) train experiments/compare/heads_$$head.yaml logging.resume=true $(ARGS) || exit 1; done
 	$(CALM) compare runs/heads_energy runs/heads_flow runs/heads_diffusion --out runs/compare_heads --limit-batches 8
 
-compare-k: $(STAMP) ## Train an autoencoder and CALM-energy per K in 1,2,4,8 and the token baseline, then compare (~60 min on 2 cores)
+compare-k: $(STAMP) ## Train an autoencoder and CALM-energy per K in 1,2,4,8 and the token baseline, then compare (~60 min on 2 cores, projected from the 2026-12-04 run)
 	for k in 1 2 4 8; do $(CALM) train experiments/compare/ae_k$$k.yaml logging.resume=true $(ARGS) || exit 1; done
 	for k in 1 2 4 8; do $(CALM) train experiments/compare/calm_k$$k.yaml logging.resume=true $(ARGS) || exit 1; done
 	$(CALM) train experiments/compare/k_ar_baseline.yaml logging.resume=true $(ARGS)
