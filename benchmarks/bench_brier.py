@@ -7,7 +7,9 @@ weights, on one evaluation batch of 16 x 256 tokens, Brier-1..4:
 - CALM with K = 2 (two chunks per n-gram, so one rollout step per start). A fresh energy head's
   output layer is zero, so its two samples always agree and no branch can stop early;
 - the token baseline (three rollout steps per start), its output layer scaled up so that its
-  predictions are sharp and the two samples usually agree.
+  predictions are sharp and the two samples usually agree;
+- CALM with K = 1 and S = 2 and 16 head samples (`make compare-k`'s K=1 validation: S branches per
+  start, three rollout steps), batched only.
 
 The reference loop is what one writes first: one teacher-forced forward with a KV cache, then for
 every start position a copy of the cache cut at that position, and the branch rolled out one unit at
@@ -42,7 +44,7 @@ QUICK = dict(d_model=32, n_layers=1, n_heads=2, ffn_size=64, vocab=64, batch=2, 
 MAX_N = 4
 
 
-def build(kind: str, s: dict):
+def build(kind: str, s: dict, chunk_size: int = 2):
     torch.manual_seed(0)
     backbone = backbone_config(s, max_seq_len=s["block"])
     if kind == "token":
@@ -53,14 +55,14 @@ def build(kind: str, s: dict):
     ae = ChunkAutoencoder(
         AutoencoderConfig(
             vocab_size=s["vocab"],
-            chunk_size=2,
-            latent_size=64,
+            chunk_size=chunk_size,
+            latent_size=32 * chunk_size,
             d_model=s["ae_d"],
             ffn_size=2 * s["ae_d"],
             mask_token_id=3,
         )
     )
-    return CALM(backbone, HeadConfig(name="energy"), ae).eval(), 2
+    return CALM(backbone, HeadConfig(name="energy"), ae).eval(), chunk_size
 
 
 def loop_estimate(model, tokens: torch.Tensor, unit: int, generator: torch.Generator):
@@ -189,7 +191,9 @@ def main() -> dict:
             "brier_loop": brier(loop),
         }
         if kind == "calm":
-            draw_t = [calm_draw_seconds(model, tokens, torch.Generator().manual_seed(r)) for r in range(repeats)]
+            draw_t = [
+                calm_draw_seconds(model, tokens, torch.Generator().manual_seed(r)) for r in range(repeats)
+            ]
             row["draw_s_median"] = statistics.median(draw_t)
             row["draw_share_of_batched"] = row["draw_s_median"] / row["batched_s_median"]
             row["speedup_bound_from_draws"] = row["loop_s_median"] / row["draw_s_median"]
@@ -197,8 +201,31 @@ def main() -> dict:
         print(
             f"{row['model']:15s} batched {row['batched_s_median'] * 1e3:8.1f} ms  loop {row['loop_s_median'] * 1e3:8.1f} ms"
             f"  speed-up {row['speedup_median']:5.1f}x  Brier-1..4 {row['brier_batched']} vs {row['brier_loop']}"
-            + (f"  draws {row['draw_s_median'] * 1e3:.1f} ms: speed-up <= {row['speedup_bound_from_draws']:.1f}x"
-               if "draw_s_median" in row else ""),
+            + (
+                f"  draws {row['draw_s_median'] * 1e3:.1f} ms: speed-up <= {row['speedup_bound_from_draws']:.1f}x"
+                if "draw_s_median" in row
+                else ""
+            ),
+            flush=True,
+        )
+    # compare-k's K=1 validation: S = 16 branches per start rolled out 3 chunks (no loop reference:
+    # the loop above is the two-sample form); `BranchKVCache` is what keeps its attention per branch
+    model, _ = build("calm", s, chunk_size=1)
+    for S in (2, 16):
+        times, _ = time_it(
+            lambda g, m=model, n=S: calm_rollout_estimate(m, tokens, MAX_N, generator=g, num_samples=n),
+            repeats,
+        )
+        cases.append(
+            {
+                "model": f"calm_k1_s{S}",
+                "tokens": tokens.numel(),
+                "batched_s_min": min(times),
+                "batched_s_median": statistics.median(times),
+            }
+        )
+        print(
+            f"calm_k1_s{S:<6d} batched {min(times) * 1e3:8.1f} / {statistics.median(times) * 1e3:.1f} ms (min/median)",
             flush=True,
         )
     result = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from calm_lightning.models.backbone import KVCache, Transformer, apply_rope, rope_cos_sin
+from calm_lightning.models.backbone import BranchKVCache, KVCache, Transformer, apply_rope, rope_cos_sin
 from calm_lightning.models.config import BackboneConfig
 from calm_lightning.models.token_lm import TokenLM
 
@@ -85,6 +85,35 @@ def test_branches_sharing_a_cached_prefix_equal_separate_forwards(model):
     torch.testing.assert_close(out[:, m:], want_b, **TOL)
     assert cache.length == 5 + 2 * m
 
+
+
+@pytest.mark.parametrize("max_scores", [BranchKVCache.max_scores, 1])
+def test_branch_cache_rollout_equals_separate_forwards(model, max_scores, monkeypatch):
+    """Brier-style rollout: 2 branches from every start j of a cached prefix, 3 steps, rows ending
+    from the back; each row must equal a plain forward over prefix[:j+1] + its own units
+    (max_scores=1 splits every step into one row per chunk)."""
+    monkeypatch.setattr(BranchKVCache, "max_scores", max_scores)
+    B, L, br, steps = 2, 6, 2, 3
+    prefix = torch.randn(B, L, 32)
+    cache = model.new_cache()
+    model(prefix, kv_cache=cache)
+    branch = BranchKVCache(cache)
+    units = {}  # (row, step) -> [B, 1, 32]
+    for r in range(1, steps + 1):
+        starts = torch.arange((L - 1 - r) * br) // br
+        x = torch.randn(B, starts.shape[0], 32)
+        branch.start_step(starts)
+        out = model(x, positions=starts + r, kv_cache=branch)
+        for row, j in enumerate(starts.tolist()):
+            units[row, r] = x[:, row : row + 1]
+            ctx = torch.cat([prefix[:, : j + 1]] + [units[row, s] for s in range(1, r + 1)], dim=1)
+            torch.testing.assert_close(out[:, row], model(ctx)[:, -1], **TOL)
+    assert cache.length == L  # the true sequence's cache is left as it was
+    with pytest.raises(ValueError):
+        model(x, kv_cache=branch)  # positions are required
+    with pytest.raises(ValueError):
+        branch.start_step(torch.zeros(1, dtype=torch.long))
+        model(x, positions=starts + 4, kv_cache=branch)  # one start per row
 
 def test_batched_positions_and_cache_select_crop(model):
     """Per-row positions [B, T]; branching a cached batch with select (repeated rows); crop."""

@@ -102,8 +102,8 @@ def _token_rollout(
     cache = new_cache(model) if max_n > 1 else None
     logits = model(tokens, kv_cache=cache)  # [B, T, V]
 
-    def forward(units, positions, kv_cache, mask):
-        return model(units[..., 0], positions=positions, kv_cache=kv_cache, attn_mask=mask)  # [B, N, V]
+    def forward(units, positions, kv_cache):
+        return model(units[..., 0], positions=positions, kv_cache=kv_cache)  # [B, N, V]
 
     def draw(states, r):
         probs = torch.softmax(states.float(), dim=-1)  # [B, N, V]
@@ -249,11 +249,9 @@ def calm_rollout_estimate(
     if hidden is None or cache is not None:
         hidden = model.hidden_states(tokens, kv_cache=cache)  # [B, L, D]
 
-    def forward(units, positions, kv_cache, mask):
+    def forward(units, positions, kv_cache):
         n = units.shape[1]
-        return model.hidden_states(
-            units.reshape(B, n * K), positions=positions, kv_cache=kv_cache, attn_mask=mask
-        )
+        return model.hidden_states(units.reshape(B, n * K), positions=positions, kv_cache=kv_cache)
 
     if draw is None and num_steps == 1 and hasattr(model, "sample_trunks"):
         draw = _lazy_calm_draw(model, tokens, max_n, generator, num_samples)

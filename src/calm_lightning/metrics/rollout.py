@@ -2,8 +2,10 @@
 
 Batched rollouts: after one forward over the true sequence with a KV cache, rollout step r feeds
 one unit for every start at once. Start j's branch sits at position j + r and may attend only the
-cached true keys <= j and the keys its own branch wrote at earlier steps (a boolean branch mask over
-the cache), so all starts advance with one backbone call per step instead of a loop over positions.
+cached true keys <= j and the keys its own branch wrote at earlier steps; a ``BranchKVCache`` over
+the true sequence's cache gives exactly that attention, so all starts advance with one backbone call
+per step instead of a loop over positions, and each branch row pays for L + r keys, not for every
+other branch's keys under a mask.
 """
 
 from __future__ import annotations
@@ -23,29 +25,15 @@ from calm_lightning.metrics.functional import (
     sample_accuracy,
     sample_collision,
 )
+from calm_lightning.models.backbone import BranchKVCache
 
 # draw(states[B, N, ...], step r) -> units [B, N, S, U]: S independent samples of the next unit for
 # the N first start positions (row n = start n) at rollout step r (r = 0: teacher-forced positions);
 # S = 2 unless an estimator is asked for more (num_samples).
 DrawFn = Callable[[Tensor, int], Tensor]
-# forward(units[B, N, U], positions[N], kv_cache, attn_mask[N, S + N]) -> states[B, N, ...]
-StepFn = Callable[[Tensor, Tensor, object, Tensor], Tensor]
-
-
-def branch_attention_mask(
-    key_owner: Tensor, key_pos: Tensor, starts: Tensor, owners: Tensor | None = None
-) -> Tensor:
-    """Which cached keys each branch may attend to.
-
-    key_owner: [S] id of the branch that wrote each key, -1 for keys of the true sequence; key_pos:
-    [S] position of each true key; starts: [N] start position of each querying branch; owners: [N]
-    their branch ids (default: the start, one branch per start). Returns [N, S] bool: true keys at
-    positions <= start, plus the branch's own keys.
-    """
-    owners = starts if owners is None else owners
-    shared = (key_owner[None, :] < 0) & (key_pos[None, :] <= starts[:, None])
-    own = key_owner[None, :] == owners[:, None]
-    return shared | own
+# forward(units[B, N, U], positions[N], cache) -> states[B, N, ...]; cache is a BranchKVCache whose
+# rows are the N branches of the step (None for toy models without a backbone cache).
+StepFn = Callable[[Tensor, Tensor, object], Tensor]
 
 
 def branch_rollout(
@@ -74,8 +62,7 @@ def branch_rollout(
     """
     L = prefix_states.shape[1]
     device = prefix_states.device
-    key_owner = torch.full((L,), -1, dtype=torch.long, device=device)  # [S] -1: true-sequence key
-    key_pos = torch.arange(L, device=device)  # [S]
+    cache = None if kv_cache is None or num_steps < 2 else BranchKVCache(kv_cache)
     states = prefix_states[:, : L - 1]
     samples = None
     for r in range(num_steps):
@@ -83,13 +70,12 @@ def branch_rollout(
         if n_r <= 0:
             return
         if r > 0:
-            owners = torch.arange(n_r * branches, device=device)  # [N_r * branches] branch ids
-            starts = owners // branches  # start-major, branch-minor rows
-            key_owner = torch.cat([key_owner, owners])  # this step's keys join the cache
-            key_pos = torch.cat([key_pos, starts + r])
-            mask = branch_attention_mask(key_owner, key_pos, starts, owners)  # [N_r*br, S + N_r*br]
+            # start-major, branch-minor rows: the rows of step r are the first rows of step r - 1
+            starts = torch.arange(n_r * branches, device=device) // branches  # [N_r * branches]
+            if cache is not None:
+                cache.start_step(starts)
             units = samples[:, :n_r, :branches].flatten(1, 2)  # [B, N_r * branches, U]
-            states = forward(units, starts + r, kv_cache, mask)  # [B, N_r * branches, ...]
+            states = forward(units, starts + r, cache)  # [B, N_r * branches, ...]
         if r == 0 or branches == 1:
             samples = draw(states, r)  # [B, N_r, S, U]
         else:

@@ -3,7 +3,9 @@
 Pre-norm blocks (RMSNorm -> attention with RoPE -> residual; RMSNorm -> SwiGLU -> residual), no
 biases, final RMSNorm. Attention runs through ``F.scaled_dot_product_attention`` with either
 ``is_causal`` (no cache, no mask: the fast path) or an explicit boolean mask. A ``KVCache`` makes
-incremental decoding and branching (several continuations of one cached prefix) possible.
+incremental decoding and branching (several continuations of one cached prefix) possible; a
+``BranchKVCache`` makes the many short branches of Brier-n rollouts cheap (each attends only its own
+keys beside the shared prefix, no mask over every branch's keys).
 """
 
 from __future__ import annotations
@@ -75,6 +77,92 @@ class KVCache:
         return other
 
 
+
+class BranchKVCache:
+    """KV cache of batched branch rollouts: many short branches off one cached true sequence.
+
+    Brier-n estimation (``metrics/rollout.py``) grows, from every start position j of a true
+    sequence, branches a few units long, all advanced together: row i of a rollout step is one branch
+    with start position ``starts[i]``, fed one new unit. Row i attends the true keys at positions <=
+    starts[i] (shared by every branch, from ``prefix``) and the keys its own branch wrote at earlier
+    steps, its current unit included. That is the attention a boolean mask over one concatenated
+    cache would give, at O(R (L + t)) score entries per step instead of O(R (L + R t)) (R rows, L true
+    keys, t steps taken), which is what makes S-branch rollouts at K = 1 affordable.
+
+    prefix: a filled ``KVCache`` of the true sequence ([B, H, L, hd] per layer; not modified).
+    Call ``start_step(starts)`` before each step: starts [R] long. The rows of a step must be the
+    first R rows of the previous step's (branches only ever end, from the back), so row i's history
+    is row i of the stored own keys [B, H, R_prev, t, hd].
+    """
+
+    # score entries [B, H, rows, keys] per chunk of rows: small enough to stay in cache
+    max_scores = 1 << 22
+
+    def __init__(self, prefix: KVCache):
+        if prefix.length == 0:
+            raise ValueError("a BranchKVCache needs the true sequence's keys in its prefix cache")
+        self.prefix = prefix
+        self.n_layers = prefix.n_layers
+        self.own_keys: list[torch.Tensor | None] = [None] * self.n_layers
+        self.own_values: list[torch.Tensor | None] = [None] * self.n_layers
+        self.starts: torch.Tensor | None = None
+        self._chunks: dict[int, list[tuple[int, int, int]]] = {}
+
+    @property
+    def length(self) -> int:
+        """L, the number of true positions (branch keys are per row and not counted)."""
+        return self.prefix.length
+
+    def start_step(self, starts: torch.Tensor) -> None:
+        """Name the rows of the next step: starts [R] (long), the start position of each branch row."""
+        self.starts = starts
+        self._chunks = {}
+
+    def _row_chunks(self, per_row: int) -> list[tuple[int, int, int]]:
+        """(lo, hi, keys) per chunk of rows: rows lo..hi-1 need only the first ``keys`` true keys."""
+        if per_row not in self._chunks:
+            R, L = self.starts.shape[0], self.prefix.length
+            step = max(1, self.max_scores // max(1, per_row))
+            bounds = list(range(0, R, step)) + [R]
+            maxima = [int(self.starts[lo:hi].max()) for lo, hi in zip(bounds[:-1], bounds[1:])]
+            self._chunks[per_row] = [
+                (lo, hi, min(L, m + 1)) for lo, hi, m in zip(bounds[:-1], bounds[1:], maxima)
+            ]
+        return self._chunks[per_row]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q, k, v: [B, H, R, hd] (post-RoPE), one new unit per branch row -> y [B, H, R, hd].
+
+        Stores k, v as each row's newest own key/value, then attends prefix + own keys: one softmax
+        over both (float32), computed chunk by chunk over rows, each chunk against only the true keys
+        up to its last start."""
+        if self.starts is None or self.starts.shape[0] != q.shape[2]:
+            raise ValueError("call start_step(starts) with one start per row before each rollout step")
+        B, H, R, hd = q.shape
+        own_k, own_v = k[:, :, :, None], v[:, :, :, None]  # [B, H, R, 1, hd]
+        if self.own_keys[layer] is not None:
+            own_k = torch.cat([self.own_keys[layer][:, :, :R], own_k], dim=3)  # [B, H, R, t, hd]
+            own_v = torch.cat([self.own_values[layer][:, :, :R], own_v], dim=3)
+        self.own_keys[layer], self.own_values[layer] = own_k, own_v
+        pk, pv = self.prefix.keys[layer], self.prefix.values[layer]  # [B, H, L, hd]
+        L, t = pk.shape[2], own_k.shape[3]
+        q = q * (1.0 / math.sqrt(hd))
+        key_pos = torch.arange(L, device=q.device)
+        out = []
+        for lo, hi, n in self._row_chunks(B * H * (L + t)):
+            qc = q[:, :, lo:hi]  # [B, H, r, hd]
+            scores = (qc @ pk[:, :, :n].transpose(-1, -2)).float()  # [B, H, r, n]
+            scores.masked_fill_(key_pos[None, :n] > self.starts[lo:hi, None], float("-inf"))
+            # own keys, t (a few) per row: product and sum (batched tiny matmuls are slow on CPU)
+            own = (own_k[:, :, lo:hi] * qc[..., None, :]).sum(-1).float()  # [B, H, r, t]
+            top = torch.maximum(scores.amax(-1), own.amax(-1))[..., None]  # finite: own keys always count
+            scores.sub_(top).exp_()
+            own = (own - top).exp()
+            denom = scores.sum(-1, keepdim=True) + own.sum(-1, keepdim=True)  # [B, H, r, 1]
+            y = scores.to(v.dtype) @ pv[:, :, :n] + (own.to(v.dtype)[..., None] * own_v[:, :, lo:hi]).sum(-2)
+            out.append((y / denom).to(v.dtype))  # [B, H, r, hd]
+        return out[0] if len(out) == 1 else torch.cat(out, dim=2)
+
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary angles computed on the fly (no table, so no position limit), in float32.
 
@@ -113,7 +201,7 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         attn_mask: torch.Tensor | None,
         is_causal: bool,
-        kv_cache: KVCache | None,
+        kv_cache: KVCache | BranchKVCache | None,
         layer: int,
     ) -> torch.Tensor:
         """x: [B, T, D] -> [B, T, D]."""
@@ -121,9 +209,12 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).unbind(2)  # 3 x [B, T, H, hd]
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv_cache is not None:
-            k, v = kv_cache.update(layer, k, v)  # [B, H, S+T, hd]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)  # [B, H, T, hd]
+        if isinstance(kv_cache, BranchKVCache):
+            y = kv_cache.attend(layer, q, k, v)  # [B, H, T, hd], T = branch rows
+        else:
+            if kv_cache is not None:
+                k, v = kv_cache.update(layer, k, v)  # [B, H, S+T, hd]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
         return self.proj(y.transpose(1, 2).reshape(B, T, D))  # [B, T, H*hd]
 
 
@@ -181,19 +272,23 @@ class Transformer(nn.Module):
         self,
         x: torch.Tensor,
         positions: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
+        kv_cache: KVCache | BranchKVCache | None = None,
         attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the blocks and the final norm.
 
         x: [B, T, D]. positions: LongTensor [T] or [B, T] fed to RoPE; default cache.length + arange(T).
-        kv_cache: appended in place with this block's keys/values (S = its length before the call).
+        kv_cache: appended in place with this block's keys/values (S = its length before the call); or
+            a ``BranchKVCache``, whose rows (T of them, one unit each) are branches of a rollout step.
         attn_mask: bool, True = may attend, broadcastable to [B, H, T, S + T]; default causal over the
             new block and full over the cache. Every query must be allowed at least one key.
         Returns [B, T, D].
         """
         B, T, _ = x.shape
         past = kv_cache.length if kv_cache is not None else 0
+        branching = isinstance(kv_cache, BranchKVCache)
+        if branching and (positions is None or attn_mask is not None):
+            raise ValueError("a BranchKVCache step needs explicit positions and no attn_mask (it masks itself)")
         if positions is None:
             positions = torch.arange(past, past + T, device=x.device)  # [T]
         if positions.shape[-1] != T or positions.dim() not in (1, 2):
@@ -203,7 +298,9 @@ class Transformer(nn.Module):
             cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, hd/2], broadcast over heads
 
         is_causal = False
-        if attn_mask is not None:
+        if branching:
+            pass  # each row attends its start's true keys and its own branch (BranchKVCache.attend)
+        elif attn_mask is not None:
             if attn_mask.dtype != torch.bool:
                 raise ValueError(
                     f"attn_mask must be a bool tensor (True = may attend), got {attn_mask.dtype}"
