@@ -95,6 +95,34 @@ def test_resume_continues_the_same_run(tiny_ar_run, capsys):
     assert rc == 0 and (root / "version_1").is_dir()
 
 
+
+@pytest.mark.parametrize("fixture", ["tiny_ae_run", "tiny_calm_run", "tiny_ar_run"])
+def test_compile_wraps_the_training_loss_only(request, fixture, capsys, monkeypatch):
+    """trainer.compile=true: every training step goes through torch.compile's function, validation,
+    Brier rollouts and the sample callback run the plain network, and the checkpoint's keys are the
+    eager ones (wrapping the module put `_orig_mod.` into them and broke generation for CALM)."""
+    run = request.getfixturevalue(fixture)
+    calls = {"compiled": 0, "training": 0}
+
+    def fake_compile(fn, *args, **kwargs):
+        calls["compiled"] += 1
+
+        def wrapped(*a, **k):
+            calls["training"] += 1
+            assert torch.is_grad_enabled()
+            return fn(*a, **k)
+
+        return wrapped
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    name = f"compiled_{fixture}"
+    rc, _, err = _train_variant(capsys, run, f"logging.name={name}", "trainer.compile=true")
+    assert rc == 0, err
+    assert calls == {"compiled": 1, "training": 2}  # max_steps=2, one compilation
+    ckpt = torch.load(run.runs_dir / name / "version_0" / "checkpoints" / "last.ckpt", map_location="cpu",
+                      weights_only=False)
+    assert not any("_orig_mod" in key for key in ckpt["state_dict"])
+
 def test_resume_refuses_a_different_model(tiny_ar_run, capsys):
     rc, *_ = _train_variant(capsys, tiny_ar_run, "logging.name=resume_other")
     assert rc == 0

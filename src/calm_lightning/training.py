@@ -187,7 +187,7 @@ def train(cfg: DictConfig, *, quiet: bool = False, callbacks: list[L.Callback] |
     if exp.model.init_from:
         init_weights_from(module.model, exp.model.init_from, kind)
     if exp.trainer.compile:
-        module.model = torch.compile(module.model)
+        module.compile_training()  # the training loss only: checkpoints and eval paths stay eager
 
     version, ckpt = shared_run(exp.logging.runs_dir, exp.logging.name, exp.logging.resume)
     if ckpt is not None:

@@ -99,7 +99,7 @@ class TrainerConfig:
     log_every_n_steps: int = 10
     checkpoint_every_n_steps: int = 250
     seed: int = 1337
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch.compile the training loss (off: measured not to pay on 2-core CPUs, README)
     threads: int = 0  # torch intra-op threads; 0 = torch default
     nan_policy: str = "stop"  # stop | skip: what a non-finite loss does
     peak_flops: float = 0.0  # device peak FLOP/s for MFU; 0 = look up known GPUs, none on CPU

@@ -26,6 +26,8 @@ class AutoencoderLitModule(ShardedGradientClipping, L.LightningModule):
     and logs token and whole-chunk accuracy for each.
     """
 
+    _compiled_forward = None  # set by compile_training
+
     def __init__(self, config: dict[str, Any], vocab_size: int, mask_token_id: int, tokenizer_fingerprint: str = ""):
         super().__init__()
         self.save_hyperparameters()
@@ -50,8 +52,13 @@ class AutoencoderLitModule(ShardedGradientClipping, L.LightningModule):
     def _chunks(self, batch: torch.Tensor) -> torch.Tensor:
         return batch.reshape(-1, self.chunk_size)  # [B*L, K]
 
+    def compile_training(self) -> None:
+        """``trainer.compile``: the training steps' forward through ``torch.compile``; the network
+        stays a plain module (same state dict and checkpoints; validation and export run eagerly)."""
+        self._compiled_forward = torch.compile(self.model.forward)
+
     def training_step(self, batch: torch.Tensor, batch_idx: int):
-        out = self.model(self._chunks(batch))
+        out = (self._compiled_forward or self.model)(self._chunks(batch))
         if not check_finite(out.loss, self.global_step, self.cfg.trainer.nan_policy):
             self.log("train/skipped_steps", 1.0, reduce_fx="sum")
             return None

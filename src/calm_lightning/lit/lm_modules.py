@@ -28,6 +28,7 @@ class _LanguageModelLitModule(ShardedGradientClipping, L.LightningModule):
     """Shared training/validation loop; subclasses build ``self.model`` and say how to get a loss."""
 
     model: torch.nn.Module
+    _compiled_loss = None  # set by compile_training
 
     def __init__(self, config: dict[str, Any]):
         super().__init__()
@@ -52,6 +53,16 @@ class _LanguageModelLitModule(ShardedGradientClipping, L.LightningModule):
         """What the optimiser minimises, and the parts to log under ``train/`` (default: the loss alone)."""
         loss = self.compute_loss(tokens)
         return loss, {self.loss_name: loss}
+
+    def compile_training(self) -> None:
+        """``trainer.compile``: run the training steps' loss through ``torch.compile``. The network
+        itself stays a plain module (same state dict, same checkpoints; validation, Brier rollouts
+        and generation run eagerly): ``self.model.loss`` is what gets compiled."""
+        self._compiled_loss = torch.compile(self.model.loss)
+
+    def train_loss(self, tokens: torch.Tensor):
+        """``self.model.loss(tokens)``, compiled after ``compile_training``."""
+        return (self._compiled_loss or self.model.loss)(tokens)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int):
         loss, parts = self.training_objective(batch)
@@ -104,7 +115,7 @@ class CALMLitModule(_LanguageModelLitModule):
         return self.training_objective(tokens)[0]
 
     def training_objective(self, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        out = self.model.loss(tokens)
+        out = self.train_loss(tokens) if self.training else self.model.loss(tokens)
         objective = out.objective(self.model.aux_weight)
         if out.aux_ce is None:
             return objective, {self.loss_name: out.loss}
@@ -146,7 +157,7 @@ class TokenLMLitModule(_LanguageModelLitModule):
         )
 
     def compute_loss(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.model.loss(tokens)
+        return self.train_loss(tokens) if self.training else self.model.loss(tokens)
 
     @property
     def loss_name(self) -> str:
