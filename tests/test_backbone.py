@@ -86,7 +86,6 @@ def test_branches_sharing_a_cached_prefix_equal_separate_forwards(model):
     assert cache.length == 5 + 2 * m
 
 
-
 @pytest.mark.parametrize("max_scores", [BranchKVCache.max_scores, 1])
 def test_branch_cache_rollout_equals_separate_forwards(model, max_scores, monkeypatch):
     """Brier-style rollout: 2 branches from every start j of a cached prefix, 3 steps, rows ending

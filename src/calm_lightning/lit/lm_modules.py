@@ -60,9 +60,10 @@ class _LanguageModelLitModule(ShardedGradientClipping, L.LightningModule):
         and generation run eagerly): ``self.model.loss`` is what gets compiled."""
         self._compiled_loss = torch.compile(self.model.loss)
 
-    def train_loss(self, tokens: torch.Tensor):
-        """``self.model.loss(tokens)``, compiled after ``compile_training``."""
-        return (self._compiled_loss or self.model.loss)(tokens)
+    def model_loss(self, tokens: torch.Tensor):
+        """``self.model.loss(tokens)``; in training mode the compiled one after ``compile_training``."""
+        compiled = self._compiled_loss if self.training else None
+        return (compiled or self.model.loss)(tokens)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int):
         loss, parts = self.training_objective(batch)
@@ -115,7 +116,7 @@ class CALMLitModule(_LanguageModelLitModule):
         return self.training_objective(tokens)[0]
 
     def training_objective(self, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        out = self.train_loss(tokens) if self.training else self.model.loss(tokens)
+        out = self.model_loss(tokens)
         objective = out.objective(self.model.aux_weight)
         if out.aux_ce is None:
             return objective, {self.loss_name: out.loss}
@@ -157,7 +158,7 @@ class TokenLMLitModule(_LanguageModelLitModule):
         )
 
     def compute_loss(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.train_loss(tokens) if self.training else self.model.loss(tokens)
+        return self.model_loss(tokens)
 
     @property
     def loss_name(self) -> str:

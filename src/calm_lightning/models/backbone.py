@@ -77,7 +77,6 @@ class KVCache:
         return other
 
 
-
 class BranchKVCache:
     """KV cache of batched branch rollouts: many short branches off one cached true sequence.
 
@@ -102,9 +101,8 @@ class BranchKVCache:
         if prefix.length == 0:
             raise ValueError("a BranchKVCache needs the true sequence's keys in its prefix cache")
         self.prefix = prefix
-        self.n_layers = prefix.n_layers
-        self.own_keys: list[torch.Tensor | None] = [None] * self.n_layers
-        self.own_values: list[torch.Tensor | None] = [None] * self.n_layers
+        self.own_keys: list[torch.Tensor | None] = [None] * prefix.n_layers
+        self.own_values: list[torch.Tensor | None] = [None] * prefix.n_layers
         self.starts: torch.Tensor | None = None
         self._chunks: dict[int, list[tuple[int, int, int]]] = {}
 
@@ -162,6 +160,7 @@ class BranchKVCache:
             y = scores.to(v.dtype) @ pv[:, :, :n] + (own.to(v.dtype)[..., None] * own_v[:, :, lo:hi]).sum(-2)
             out.append((y / denom).to(v.dtype))  # [B, H, r, hd]
         return out[0] if len(out) == 1 else torch.cat(out, dim=2)
+
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary angles computed on the fly (no table, so no position limit), in float32.
